@@ -1,0 +1,167 @@
+//! The command line: `walgraph [--config FILE] <command>`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::catalog::PgClient;
+use crate::config::Config;
+use crate::mapping;
+use crate::pipeline::{self, RunError};
+use crate::sink::Sink;
+use crate::source::ConnInfo;
+
+/// Keeps a Neo4j graph exactly in step with a PostgreSQL database through
+/// logical replication.
+#[derive(Debug, Parser)]
+#[command(name = "walgraph", version, about, long_about = None)]
+pub struct Cli {
+    /// The configuration file (TOML). Connection settings may also come from
+    /// WALGRAPH_PG_URL, WALGRAPH_NEO4J_URI, WALGRAPH_NEO4J_USER and
+    /// WALGRAPH_NEO4J_PASSWORD, which win over the file.
+    #[arg(long, short, env = "WALGRAPH_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the publication, the replication slot and the Neo4j uniqueness
+    /// constraints. Safe to run again: says what it created and what it found.
+    Setup,
+    /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
+    Run,
+    /// Drop the replication slot and the publication (a forgotten slot makes
+    /// Postgres keep WAL forever and fills its disk).
+    Teardown {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Setup => setup(&cfg).await,
+        Command::Run => run(&cfg).await,
+        Command::Teardown { yes } => teardown(&cfg, yes).await,
+    }
+}
+
+fn conninfo(cfg: &Config) -> anyhow::Result<ConnInfo> {
+    Ok(ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?)
+}
+
+async fn setup(cfg: &Config) -> anyhow::Result<()> {
+    let info = conninfo(cfg)?;
+    let pg = PgClient::connect(&info).await?;
+    pg.check_wal_level().await?;
+    let tables: Vec<String> = cfg
+        .nodes
+        .iter()
+        .map(|n| n.table.clone())
+        .chain(cfg.relationships.iter().map(|r| r.table.clone()))
+        .collect();
+    let catalog = pg.catalog(&tables).await?;
+    // Check everything before changing anything.
+    let mapping =
+        mapping::compile(&cfg.nodes, &cfg.relationships, &catalog).map_err(RunError::from)?;
+    let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
+    println!(
+        "{}",
+        pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
+            .await?
+    );
+    println!("{}", pg.ensure_slot(&cfg.postgres.slot).await?);
+    let created = sink.ensure_schema(&mapping).await?;
+    if created.is_empty() {
+        println!("Neo4j constraints and indexes already present");
+    } else {
+        println!(
+            "created Neo4j constraints and indexes: {}",
+            created.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn run(cfg: &Config) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    pipeline::run(cfg, rx).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn teardown(cfg: &Config, yes: bool) -> anyhow::Result<()> {
+    let slot = &cfg.postgres.slot;
+    let publication = &cfg.postgres.publication;
+    if !yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("teardown drops slot {slot} and publication {publication}; pass --yes to confirm when not at a terminal");
+        }
+        print!("drop replication slot {slot} and publication {publication}? [y/N] ");
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing dropped");
+            return Ok(());
+        }
+    }
+    let pg = PgClient::connect(&conninfo(cfg)?).await?;
+    if let Some(s) = pg.slot(slot).await? {
+        if s.active {
+            anyhow::bail!("replication slot {slot} is in use by a running walgraph (or another consumer); stop it first");
+        }
+    }
+    println!(
+        "{}",
+        if pg.drop_slot(slot).await? {
+            format!("dropped replication slot {slot}")
+        } else {
+            format!("replication slot {slot} did not exist")
+        }
+    );
+    println!(
+        "{}",
+        if pg.drop_publication(publication).await? {
+            format!("dropped publication {publication}")
+        } else {
+            format!("publication {publication} did not exist")
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! Configuration: one TOML file, with connection settings from the
+//! environment winning over the file.
+//!
+//! Unknown keys are refused with their name and line (serde's
+//! `deny_unknown_fields`). Secrets are wrapped in [`Secret`] so they never
+//! print.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mapping::{NodeMapping, RelationshipMapping};
+
+/// A string that never prints.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The source database.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    /// The target graph.
+    #[serde(default)]
+    pub neo4j: Neo4jConfig,
+    /// How changes are grouped into Neo4j transactions.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Tables mapped to nodes.
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeMapping>,
+    /// Foreign keys and join tables mapped to relationships.
+    #[serde(default, rename = "relationship")]
+    pub relationships: Vec<RelationshipMapping>,
+}
+
+/// `[postgres]`: where the changes come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq URL or `key=value` string. `WALGRAPH_PG_URL` overrides it;
+    /// what neither gives comes from the `PG*` variables.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The logical replication slot walgraph reads (and owns).
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// The publication naming the mapped tables.
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// The pgoutput protocol version to ask for (1 to 4).
+    #[serde(default = "default_proto_version")]
+    pub proto_version: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            slot: default_name(),
+            publication: default_name(),
+            proto_version: default_proto_version(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    "walgraph".into()
+}
+
+fn default_proto_version() -> u32 {
+    1
+}
+
+/// `[neo4j]`: where the graph lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Neo4jConfig {
+    /// `bolt://host:port` (or `neo4j://`, `bolt+s://`). `WALGRAPH_NEO4J_URI` overrides it.
+    #[serde(default = "default_neo4j_uri")]
+    pub uri: String,
+    /// User name. `WALGRAPH_NEO4J_USER` overrides it.
+    #[serde(default = "default_neo4j_user")]
+    pub user: String,
+    /// A file holding the password. `WALGRAPH_NEO4J_PASSWORD` wins over it;
+    /// the password never comes from the command line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The password, filled from the environment or `password_file`.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// The database to write to (default: the server's default database).
+    #[serde(default)]
+    pub database: Option<String>,
+    /// How long to wait to connect and for each reply before treating the
+    /// server as unavailable.
+    #[serde(default = "default_neo4j_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for Neo4jConfig {
+    fn default() -> Self {
+        Neo4jConfig {
+            uri: default_neo4j_uri(),
+            user: default_neo4j_user(),
+            password_file: None,
+            password: None,
+            database: None,
+            timeout: default_neo4j_timeout(),
+        }
+    }
+}
+
+fn default_neo4j_uri() -> String {
+    "bolt://127.0.0.1:7687".into()
+}
+
+fn default_neo4j_user() -> String {
+    "neo4j".into()
+}
+
+fn default_neo4j_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[batch]`: how consecutive transactions are grouped into one Neo4j write.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Write once this many changes are waiting.
+    #[serde(default = "default_max_changes")]
+    pub max_changes: usize,
+    /// Write at the latest this long after the first waiting change arrived.
+    #[serde(default = "default_max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_changes: default_max_changes(),
+            max_delay: default_max_delay(),
+        }
+    }
+}
+
+fn default_max_changes() -> usize {
+    5000
+}
+
+fn default_max_delay() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("the configuration file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's account, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("the configuration is invalid: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a config file (if given) and applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::load`], reading variables through `env`.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(url) = env("WALGRAPH_PG_URL") {
+            cfg.postgres.url = Some(url);
+        }
+        if let Some(uri) = env("WALGRAPH_NEO4J_URI") {
+            cfg.neo4j.uri = uri;
+        }
+        if let Some(user) = env("WALGRAPH_NEO4J_USER") {
+            cfg.neo4j.user = user;
+        }
+        if let Some(pw) = env("WALGRAPH_NEO4J_PASSWORD") {
+            cfg.neo4j.password = Some(Secret::new(pw));
+        } else if let Some(file) = &cfg.neo4j.password_file {
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            cfg.neo4j.password = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; the error names the key and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch.max_changes == 0 {
+            return Err(ConfigError::Invalid(
+                "batch.max_changes must be at least 1".into(),
+            ));
+        }
+        if !(1..=4).contains(&self.postgres.proto_version) {
+            return Err(ConfigError::Invalid(format!(
+                "postgres.proto_version is {}, but pgoutput speaks versions 1 to 4",
+                self.postgres.proto_version
+            )));
+        }
+        for (what, name) in [
+            ("slot", &self.postgres.slot),
+            ("publication", &self.postgres.publication),
+        ] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "postgres.{what} `{name}` must be 1 to 63 lowercase letters, digits or underscores"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused_with_name_and_line() {
+        let err = Config::parse("[postgres]\nslot = \"s\"\nslots = 3\n").unwrap_err();
+        assert!(err.contains("slots"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("walgraph-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[neo4j]\nuri = \"bolt://file:1\"\n[batch]\nmax_delay = \"250ms\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "WALGRAPH_NEO4J_URI" => Some("bolt://env:2".to_string()),
+            "WALGRAPH_NEO4J_PASSWORD" => Some("hunter2".to_string()),
+            _ => None,
+        };
+        let cfg = Config::load_with_env(Some(&path), env).unwrap();
+        assert_eq!(cfg.neo4j.uri, "bolt://env:2");
+        assert_eq!(cfg.batch.max_delay, Duration::from_millis(250));
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_get_a_sentence() {
+        let cfg = Config::parse("[postgres]\nslot = \"Bad-Slot\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("postgres.slot"), "{err}");
+    }
+}

@@ -1,0 +1,439 @@
+//! Map: row changes → graph operations. Pure: no I/O.
+//!
+//! Invariants:
+//! - only mapped columns become properties; an unchanged TOASTed column is
+//!   left out of the operation (so the graph keeps its value), a NULL column
+//!   removes the property;
+//! - a change of a row's key deletes the node under the old key and upserts
+//!   it under the new one;
+//! - a NULL (or partly NULL) foreign key means no relationship;
+//! - every operation carries the commit LSN of its transaction.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::decode::{Field, Relation, Row, Value};
+use crate::lsn::Lsn;
+use crate::mapping::{EndpointTarget, Mapping, NodeTarget, PropertyMap, RelKind, RelTarget};
+use crate::transactions::{Change, Op};
+
+/// Key values, compared exactly (floats by their bits).
+#[derive(Debug, Clone)]
+pub struct Key(pub Vec<Value>);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && self.0.iter().zip(&other.0).all(|(a, b)| value_eq(a, b))
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        for v in &self.0 {
+            hash_value(v, state);
+        }
+    }
+}
+
+fn value_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| value_eq(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+fn hash_value<H: Hasher>(v: &Value, state: &mut H) {
+    std::mem::discriminant(v).hash(state);
+    match v {
+        Value::Null => {}
+        Value::Bool(b) => b.hash(state),
+        Value::Int(i) => i.hash(state),
+        Value::Float(f) => f.to_bits().hash(state),
+        Value::Numeric(s) | Value::Text(s) | Value::Uuid(s) | Value::Json(s) | Value::Inet(s) => {
+            s.hash(state)
+        }
+        Value::Bytes(b) => b.hash(state),
+        Value::Date(d) => d.hash(state),
+        Value::Time(t) => t.hash(state),
+        Value::TimeTz(t, o) => (t, o).hash(state),
+        Value::Timestamp(t) => t.hash(state),
+        Value::TimestampTz(t) => t.hash(state),
+        Value::Interval(i) => i.hash(state),
+        Value::Array(items) => {
+            items.len().hash(state);
+            for i in items {
+                hash_value(i, state);
+            }
+        }
+    }
+}
+
+impl Hash for crate::decode::value::Interval {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.months, self.days, self.micros).hash(state);
+    }
+}
+
+/// A node by label and key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeRef {
+    /// Label.
+    pub label: Arc<str>,
+    /// Key values, aligned with the label's key properties.
+    pub key: Key,
+}
+
+/// Properties to set: name and value (NULL removes the property).
+pub type Props = Vec<(Arc<str>, Value)>;
+
+/// One graph operation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GraphOp {
+    /// Create or update a node, setting only the given properties.
+    UpsertNode {
+        /// The node.
+        node: NodeRef,
+        /// Properties to set.
+        props: Props,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+    /// Delete a node and its relationships.
+    DeleteNode {
+        /// The node.
+        node: NodeRef,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+    /// Replace the one edge of `rel_type` a row owns (foreign key); `other`
+    /// `None` removes it.
+    SetOwnedRel {
+        /// Relationship type.
+        rel_type: Arc<str>,
+        /// The row's own node.
+        own: NodeRef,
+        /// The node at the other end, if the foreign key is not NULL.
+        other: Option<NodeRef>,
+        /// The own node is the start of the edge.
+        own_is_from: bool,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+    /// Create or update an edge row (join table).
+    MergeEdge {
+        /// Relationship type.
+        rel_type: Arc<str>,
+        /// The edge's identity: its key values (empty with pair identity).
+        key: Key,
+        /// Start node.
+        from: NodeRef,
+        /// End node.
+        to: NodeRef,
+        /// Properties to set.
+        props: Props,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+    /// Delete an edge row (join table).
+    DeleteEdge {
+        /// Relationship type.
+        rel_type: Arc<str>,
+        /// The edge's key values (empty with pair identity).
+        key: Key,
+        /// Start and end node (pair identity only).
+        ends: Option<(NodeRef, NodeRef)>,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+    /// Delete every node with a label (TRUNCATE of a node table).
+    TruncateLabel {
+        /// Label.
+        label: Arc<str>,
+    },
+    /// Delete every relationship of a type (TRUNCATE of a join table).
+    TruncateType {
+        /// Relationship type.
+        rel_type: Arc<str>,
+    },
+}
+
+/// Why a change could not be mapped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// A mapped column is not in the table (any more).
+    #[error("{table} has no column `{column}` any more, but the mapping uses it; restore the column or change the mapping")]
+    MissingColumn {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// A key column came without a value.
+    #[error("a change to {table} at {lsn} has no value for key column `{column}`; give the table a primary key or REPLICA IDENTITY FULL")]
+    MissingKey {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// Commit LSN.
+        lsn: Lsn,
+    },
+}
+
+/// Maps changes to graph operations.
+#[derive(Debug, Clone)]
+pub struct Mapper {
+    mapping: Arc<Mapping>,
+}
+
+fn column<'r>(rel: &Relation, row: &'r Row, name: &str) -> Result<&'r Field, MapError> {
+    let i = rel
+        .column_index(name)
+        .ok_or_else(|| MapError::MissingColumn {
+            table: rel.qualified_name(),
+            column: name.to_string(),
+        })?;
+    row.get(i).ok_or_else(|| MapError::MissingColumn {
+        table: rel.qualified_name(),
+        column: name.to_string(),
+    })
+}
+
+/// Key values of `columns`; `Ok(None)` when any is NULL or unchanged.
+fn key_of(rel: &Relation, row: &Row, columns: &[String]) -> Result<Option<Key>, MapError> {
+    let mut vals = Vec::with_capacity(columns.len());
+    for c in columns {
+        match column(rel, row, c)? {
+            Field::Value(Value::Null) | Field::Unchanged => return Ok(None),
+            Field::Value(v) => vals.push(v.clone()),
+        }
+    }
+    Ok(Some(Key(vals)))
+}
+
+fn required_key(rel: &Relation, row: &Row, columns: &[String], lsn: Lsn) -> Result<Key, MapError> {
+    key_of(rel, row, columns)?.ok_or_else(|| MapError::MissingKey {
+        table: rel.qualified_name(),
+        column: columns.join(", "),
+        lsn,
+    })
+}
+
+fn props_of(rel: &Relation, row: &Row, props: &[PropertyMap]) -> Result<Props, MapError> {
+    let mut out = Vec::with_capacity(props.len());
+    for p in props {
+        if let Field::Value(v) = column(rel, row, &p.column)? {
+            out.push((Arc::clone(&p.property), v.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn endpoint(rel: &Relation, row: &Row, e: &EndpointTarget) -> Result<Option<NodeRef>, MapError> {
+    Ok(key_of(rel, row, &e.columns)?.map(|key| NodeRef {
+        label: Arc::clone(&e.label),
+        key,
+    }))
+}
+
+impl Mapper {
+    /// A mapper for a compiled mapping.
+    pub fn new(mapping: Arc<Mapping>) -> Self {
+        Mapper { mapping }
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// Appends the operations for one change to `out`.
+    pub fn map_change(
+        &self,
+        change: &Change,
+        lsn: Lsn,
+        out: &mut Vec<GraphOp>,
+    ) -> Result<(), MapError> {
+        let rel = &change.relation;
+        let Some(target) = self.mapping.tables.get(&rel.qualified_name()) else {
+            return Ok(());
+        };
+        if let Some(node) = &target.node {
+            self.map_node(change, node, lsn, out)?;
+        }
+        for r in &target.rels {
+            self.map_rel(change, target.node.as_ref(), r, lsn, out)?;
+        }
+        Ok(())
+    }
+
+    fn map_node(
+        &self,
+        change: &Change,
+        node: &NodeTarget,
+        lsn: Lsn,
+        out: &mut Vec<GraphOp>,
+    ) -> Result<(), MapError> {
+        let rel = &change.relation;
+        let node_ref = |key| NodeRef {
+            label: Arc::clone(&node.label),
+            key,
+        };
+        match change.op {
+            Op::Insert | Op::Update => {
+                let new = change
+                    .new
+                    .as_ref()
+                    .map_or(&[][..], |r| r.as_slice())
+                    .to_vec();
+                let new_key = required_key(rel, &new, &node.key_columns, lsn)?;
+                if let Some(old) = &change.old {
+                    if let Some(old_key) = key_of(rel, old, &node.key_columns)? {
+                        if old_key != new_key {
+                            out.push(GraphOp::DeleteNode {
+                                node: node_ref(old_key),
+                                lsn,
+                            });
+                        }
+                    }
+                }
+                out.push(GraphOp::UpsertNode {
+                    node: node_ref(new_key),
+                    props: props_of(rel, &new, &node.props)?,
+                    lsn,
+                });
+            }
+            Op::Delete => {
+                let old = change.old.clone().unwrap_or_default();
+                out.push(GraphOp::DeleteNode {
+                    node: node_ref(required_key(rel, &old, &node.key_columns, lsn)?),
+                    lsn,
+                });
+            }
+            Op::Truncate => out.push(GraphOp::TruncateLabel {
+                label: Arc::clone(&node.label),
+            }),
+        }
+        Ok(())
+    }
+
+    fn map_rel(
+        &self,
+        change: &Change,
+        own: Option<&NodeTarget>,
+        r: &RelTarget,
+        lsn: Lsn,
+        out: &mut Vec<GraphOp>,
+    ) -> Result<(), MapError> {
+        let rel = &change.relation;
+        match (r.kind, change.op) {
+            (_, Op::Truncate) => {
+                if own.is_none() {
+                    out.push(GraphOp::TruncateType {
+                        rel_type: Arc::clone(&r.rel_type),
+                    });
+                }
+            }
+            // Deleting the row's node detaches its edges.
+            (RelKind::RowOwned { .. }, Op::Delete) => {}
+            (RelKind::RowOwned { own_is_from }, Op::Insert | Op::Update) => {
+                let new = change.new.clone().unwrap_or_default();
+                let (own_end, other_end) = if own_is_from {
+                    (&r.from, &r.to)
+                } else {
+                    (&r.to, &r.from)
+                };
+                let own_ref =
+                    endpoint(rel, &new, own_end)?.ok_or_else(|| MapError::MissingKey {
+                        table: rel.qualified_name(),
+                        column: own_end.columns.join(", "),
+                        lsn,
+                    })?;
+                // An unchanged TOASTed foreign key cannot occur (keys are not
+                // TOASTed), so None here means NULL: no edge.
+                let other = endpoint(rel, &new, other_end)?;
+                out.push(GraphOp::SetOwnedRel {
+                    rel_type: Arc::clone(&r.rel_type),
+                    own: own_ref,
+                    other,
+                    own_is_from,
+                    lsn,
+                });
+            }
+            (RelKind::Edge { pair_identity }, op) => {
+                let edge_key = |row: &Row| -> Result<Key, MapError> {
+                    if pair_identity {
+                        Ok(Key(Vec::new()))
+                    } else {
+                        required_key(rel, row, &r.key_columns, lsn)
+                    }
+                };
+                let ends = |row: &Row| -> Result<Option<(NodeRef, NodeRef)>, MapError> {
+                    Ok(
+                        match (endpoint(rel, row, &r.from)?, endpoint(rel, row, &r.to)?) {
+                            (Some(f), Some(t)) => Some((f, t)),
+                            _ => None,
+                        },
+                    )
+                };
+                if let Some(old) = change.old.as_ref().filter(|_| op != Op::Insert) {
+                    // With pair identity the old key holds both ends; with key
+                    // identity the key alone finds the edge.
+                    let old_ends = if pair_identity { ends(old)? } else { None };
+                    let old_key = if pair_identity {
+                        Some(Key(Vec::new()))
+                    } else {
+                        key_of(rel, old, &r.key_columns)?
+                    };
+                    let moved = match op {
+                        Op::Delete => true,
+                        _ => {
+                            let new = change.new.clone().unwrap_or_default();
+                            if pair_identity {
+                                old_ends != ends(&new)?
+                            } else {
+                                old_key.as_ref() != Some(&edge_key(&new)?)
+                            }
+                        }
+                    };
+                    if moved && (old_ends.is_some() || !pair_identity) {
+                        if let Some(key) = old_key {
+                            out.push(GraphOp::DeleteEdge {
+                                rel_type: Arc::clone(&r.rel_type),
+                                key,
+                                ends: old_ends,
+                                lsn,
+                            });
+                        }
+                    }
+                }
+                if let Some(new) = &change.new {
+                    if let Some((from, to)) = ends(new)? {
+                        out.push(GraphOp::MergeEdge {
+                            rel_type: Arc::clone(&r.rel_type),
+                            key: edge_key(new)?,
+                            from,
+                            to,
+                            props: props_of(rel, new, &r.props)?,
+                            lsn,
+                        });
+                    } else if !pair_identity && change.old.is_none() && op == Op::Update {
+                        // The edge lost an end: remove it by its key.
+                        out.push(GraphOp::DeleteEdge {
+                            rel_type: Arc::clone(&r.rel_type),
+                            key: edge_key(new)?,
+                            ends: None,
+                            lsn,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,414 @@
+//! The `run` loop: source → decode → transactions → map → batch → sink, and
+//! the committed position back to Postgres.
+//!
+//! Invariants:
+//! - the flush position sent to Postgres is the end LSN of the last batch
+//!   Neo4j committed (or the checkpoint read at start), never more;
+//! - transactions at or below the checkpoint are skipped;
+//! - at most one batch is in flight while the next one fills (pipelining
+//!   without reordering: batches commit in order);
+//! - reading stops while the next batch is full and one is in flight
+//!   (backpressure), but status updates keep going out so
+//!   `wal_sender_timeout` never fires;
+//! - when nothing is pending, the checkpoint follows the server's WAL end
+//!   (throttled), so a quiet publication does not hold WAL back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, sleep_until, Instant};
+
+use crate::batch::{Batch, Batcher};
+use crate::catalog::{CatalogError, PgClient};
+use crate::config::Config;
+use crate::decode::{DecodeError, Decoder};
+use crate::lsn::Lsn;
+use crate::map::{MapError, Mapper};
+use crate::mapping::{self, Mapping, MappingError};
+use crate::sink::{Sink, SinkError};
+use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, SourceError, StartOptions};
+use crate::transactions::{AssembleError, Assembler};
+
+/// Why `run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Postgres replication failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Neo4j failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The catalog could not be read or is not ready.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The mapping does not fit the database.
+    #[error("the mapping does not fit the database: {0}")]
+    Mapping(#[from] MappingError),
+    /// A message could not be decoded.
+    #[error("cannot decode the replication stream at {lsn}: {source}")]
+    Decode {
+        /// Where.
+        lsn: Lsn,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// The stream could not be assembled.
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    /// A change could not be mapped.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// The setup is incomplete.
+    #[error("{0}")]
+    NotReady(String),
+}
+
+impl RunError {
+    /// Whether reconnecting later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Source(e) => e.is_transient(),
+            RunError::Sink(e) => e.is_transient(),
+            RunError::Catalog(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A shutdown signal: flips to `true` once.
+pub type Shutdown = watch::Receiver<bool>;
+
+async fn shutdown_requested(rx: &mut Shutdown) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            // The sender is gone: nobody can ask any more, so never resolve.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, capped.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(200);
+    let cap = Duration::from_secs(15);
+    let exp = base.saturating_mul(1u32 << attempt.min(10)).min(cap);
+    let jitter = fastrand::u64(0..=u64::try_from(exp.as_millis()).unwrap_or(u64::MAX));
+    Duration::from_millis(jitter.max(50))
+}
+
+/// Everything checked before streaming.
+pub struct Prepared {
+    /// Postgres connection settings.
+    pub info: ConnInfo,
+    /// The compiled mapping.
+    pub mapping: Arc<Mapping>,
+    /// Neo4j.
+    pub sink: Sink,
+}
+
+/// Checks the world before streaming: `wal_level`, the mapping against the
+/// catalog, publication, slot, Neo4j and its constraints.
+pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
+    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
+        .map_err(|e| RunError::NotReady(e.to_string()))?;
+    let pg = PgClient::connect(&info).await?;
+    pg.check_wal_level().await?;
+    let tables: Vec<String> = cfg
+        .nodes
+        .iter()
+        .map(|n| n.table.clone())
+        .chain(cfg.relationships.iter().map(|r| r.table.clone()))
+        .collect();
+    let catalog = pg.catalog(&tables).await?;
+    let mapping = Arc::new(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?);
+    let publication = &cfg.postgres.publication;
+    match pg.publication_tables(publication).await? {
+        None => {
+            return Err(RunError::NotReady(format!(
+                "publication {publication} does not exist; run `walgraph setup` first"
+            )))
+        }
+        Some(have) => {
+            let missing: Vec<String> = mapping
+                .table_names()
+                .into_iter()
+                .filter(|t| !have.contains(t))
+                .collect();
+            if !missing.is_empty() {
+                return Err(RunError::NotReady(format!(
+                    "publication {publication} does not include {}; run `walgraph setup` to add them",
+                    missing.join(", ")
+                )));
+            }
+        }
+    }
+    let slot = &cfg.postgres.slot;
+    match pg.slot(slot).await? {
+        None => {
+            return Err(RunError::NotReady(format!(
+                "replication slot {slot} does not exist; run `walgraph setup` first"
+            )))
+        }
+        Some(s) if s.plugin != "pgoutput" => {
+            return Err(RunError::NotReady(format!(
+                "replication slot {slot} uses the {} plugin, not pgoutput; drop it or choose another postgres.slot",
+                s.plugin
+            )))
+        }
+        Some(_) => {}
+    }
+    let sink = Sink::connect(&cfg.neo4j, slot).await?;
+    let missing = sink.missing_constraints(&mapping).await?;
+    if !missing.is_empty() {
+        return Err(RunError::NotReady(format!(
+            "Neo4j has no uniqueness constraint for {}; run `walgraph setup` to create them",
+            missing.join(", ")
+        )));
+    }
+    Ok(Prepared {
+        info,
+        mapping,
+        sink,
+    })
+}
+
+/// Runs the pipeline until `shutdown` flips, reconnecting after transient
+/// failures of either database.
+pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> Result<(), RunError> {
+    let mut attempt = 0u32;
+    let prepared = loop {
+        match prepare(cfg).await {
+            Ok(p) => break p,
+            Err(e) if e.is_transient() => {
+                let wait = backoff(attempt);
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in = ?wait, "not ready yet, retrying");
+                tokio::select! {
+                    _ = shutdown_requested(&mut shutdown) => return Ok(()),
+                    _ = sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    attempt = 0;
+    loop {
+        let started = Instant::now();
+        match stream_once(cfg, &prepared, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                let wait = backoff(attempt);
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in = ?wait, "replication interrupted, reconnecting");
+                tokio::select! {
+                    _ = shutdown_requested(&mut shutdown) => return Ok(()),
+                    _ = sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What the sink task reports.
+enum SinkEvent {
+    Committed(Batch),
+    Failed(SinkError),
+}
+
+/// Applies batches in order, retrying transient failures with backoff.
+async fn sink_task(
+    sink: Sink,
+    mut batches: mpsc::Receiver<Batch>,
+    events: mpsc::Sender<SinkEvent>,
+) {
+    while let Some(batch) = batches.recv().await {
+        let mut attempt = 0u32;
+        loop {
+            match sink.apply(&batch).await {
+                Ok(()) => {
+                    let mut done = batch;
+                    done.statements.clear();
+                    if events.send(SinkEvent::Committed(done)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(e) if e.is_transient() => {
+                    let wait = backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j write failed, retrying the batch");
+                    sleep(wait).await;
+                }
+                Err(e) => {
+                    let _ = events.send(SinkEvent::Failed(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How often the checkpoint may follow the WAL end while idle.
+const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// One replication session: from connect until shutdown or an error.
+async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Result<(), RunError> {
+    let checkpoint = p.sink.read_checkpoint().await?.unwrap_or(Lsn::ZERO);
+    let mut stream = ReplicationStream::connect(&p.info).await?;
+    let system = stream.identify_system().await?;
+    tracing::info!(checkpoint = %checkpoint, server_wal = %system.xlogpos, slot = %cfg.postgres.slot, "starting replication");
+    stream
+        .start(&StartOptions {
+            slot: cfg.postgres.slot.clone(),
+            publications: vec![cfg.postgres.publication.clone()],
+            start: checkpoint,
+            proto_version: cfg.postgres.proto_version,
+            messages: false,
+        })
+        .await?;
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
+    let sink_handle = tokio::spawn(sink_task(p.sink.clone(), batch_rx, event_tx));
+    let _abort_sink = AbortOnDrop(sink_handle);
+
+    let mapper = Mapper::new(Arc::clone(&p.mapping));
+    let mut decoder = Decoder::new();
+    let mut assembler = Assembler::new();
+    let mut batcher = Batcher::new();
+    let mut ops = Vec::new();
+    let mut flushed = checkpoint;
+    let mut in_flight: Option<Lsn> = None;
+    let mut deadline: Option<Instant> = None;
+    let mut server_wal_end = Lsn::ZERO;
+    let mut last_idle_advance = Instant::now();
+    let mut status = tokio::time::interval(stream.status_interval());
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_changes = cfg.batch.max_changes;
+    let mut applied_changes: u64 = 0;
+    let mut last_report = Instant::now();
+
+    let result: Result<(), RunError> = loop {
+        let can_read = batcher.changes() < max_changes || in_flight.is_none();
+        let can_dispatch = in_flight.is_none() && !batcher.is_empty();
+        tokio::select! {
+            biased;
+            // 1. Shutdown: stop reading; the in-flight batch is awaited below.
+            _ = shutdown_requested(shutdown) => break Ok(()),
+            // 2. A batch committed (or failed for good): confirm its end LSN.
+            ev = event_rx.recv() => match ev {
+                Some(SinkEvent::Committed(b)) => {
+                    debug_assert!(b.end_lsn >= flushed, "commits arrive in order");
+                    flushed = flushed.max(b.end_lsn);
+                    in_flight = None;
+                    applied_changes += b.changes as u64;
+                    tracing::debug!(end_lsn = %b.end_lsn, changes = b.changes, transactions = b.transactions, "batch committed");
+                    stream.send_status(flushed, false).await?;
+                }
+                Some(SinkEvent::Failed(e)) => break Err(e.into()),
+                None => break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into())),
+            },
+            // 3. The batch is due: hand it to the sink.
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
+                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                deadline = None;
+            }
+            // 4. WAL from the server.
+            ev = stream.next_event(), if can_read => match ev? {
+                ReplicationEvent::XLogData { wal_start, wal_end, data } => {
+                    server_wal_end = server_wal_end.max(wal_end);
+                    let msg = decoder.decode(&data).map_err(|source| RunError::Decode { lsn: wal_start, source })?;
+                    if let Some(txn) = assembler.push(msg)? {
+                        if txn.end_lsn <= checkpoint {
+                            tracing::debug!(end_lsn = %txn.end_lsn, "skipping a transaction already applied");
+                            continue;
+                        }
+                        for change in &txn.changes {
+                            mapper.map_change(change, txn.commit_lsn, &mut ops)?;
+                        }
+                        if batcher.is_empty() {
+                            deadline = Some(Instant::now() + cfg.batch.max_delay);
+                        }
+                        batcher.push_transaction(std::mem::take(&mut ops), txn.changes.len(), txn.end_lsn);
+                        if batcher.changes() >= max_changes && in_flight.is_none() {
+                            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                            deadline = None;
+                        }
+                    }
+                }
+                ReplicationEvent::Keepalive { wal_end, reply_requested } => {
+                    server_wal_end = server_wal_end.max(wal_end);
+                    if reply_requested {
+                        stream.send_status(flushed, false).await?;
+                    }
+                }
+                ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
+            },
+            // 5. Regular status, and the idle checkpoint advance.
+            _ = status.tick() => {
+                stream.send_status(flushed, false).await?;
+                let idle = assembler.is_idle() && batcher.is_empty() && in_flight.is_none();
+                if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
+                    last_idle_advance = Instant::now();
+                    let b = Batch { statements: Vec::new(), end_lsn: server_wal_end, changes: 0, transactions: 0 };
+                    in_flight = Some(b.end_lsn);
+                    if batch_tx.send(b).await.is_err() {
+                        break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_secs(10) && applied_changes > 0 {
+                    tracing::info!(changes = applied_changes, flushed = %flushed, "applied");
+                    applied_changes = 0;
+                    last_report = Instant::now();
+                }
+            }
+        }
+        // A full batch waits for the sink; send it as soon as it is free.
+        if in_flight.is_none() && batcher.changes() >= max_changes {
+            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+            deadline = None;
+        }
+    };
+
+    // Let the in-flight batch finish (briefly), then confirm what committed.
+    drop(batch_tx);
+    if in_flight.is_some() {
+        let wait = tokio::time::timeout(Duration::from_secs(10), event_rx.recv()).await;
+        if let Ok(Some(SinkEvent::Committed(b))) = wait {
+            flushed = flushed.max(b.end_lsn);
+        }
+    }
+    if result.is_ok() {
+        stream.finish(flushed).await?;
+        tracing::info!(flushed = %flushed, "stopped");
+    }
+    result
+}
+
+async fn dispatch(
+    batcher: &mut Batcher,
+    mapping: &Mapping,
+    tx: &mpsc::Sender<Batch>,
+) -> Result<Lsn, RunError> {
+    let batch = batcher.take(mapping);
+    let end = batch.end_lsn;
+    tx.send(batch)
+        .await
+        .map_err(|_| RunError::NotReady("the Neo4j writer stopped unexpectedly".into()))?;
+    Ok(end)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

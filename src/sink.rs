@@ -1,0 +1,307 @@
+//! Sink: batches → Neo4j, one transaction each, together with the checkpoint.
+//!
+//! Invariants:
+//! - a batch's data statements and its checkpoint update commit in one
+//!   Neo4j transaction, or not at all;
+//! - [`Sink::apply`] returns `Ok` only after Neo4j confirmed the commit, and
+//!   only then may the caller report the batch's end LSN to Postgres;
+//! - transient failures (Neo4j down, connection lost, timeouts, transient
+//!   server errors) are reported as such so the caller retries the whole
+//!   batch; nothing is confirmed that is not committed.
+
+use std::time::Duration;
+
+use neo4rs::{query, BoltType, ConfigBuilder, Graph, Neo4jClientErrorKind, Neo4jErrorKind};
+
+use crate::batch::Batch;
+use crate::checkpoint;
+use crate::config::Neo4jConfig;
+use crate::lsn::Lsn;
+use crate::mapping::{quote, Mapping};
+
+/// Why a write to Neo4j failed, split by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Neo4j is unreachable, restarting or busy; retrying the same batch may succeed.
+    #[error("Neo4j is unavailable: {0}")]
+    Transient(String),
+    /// Neo4j refused the credentials.
+    #[error("Neo4j refused the login for user {user}: {message}; check WALGRAPH_NEO4J_USER and WALGRAPH_NEO4J_PASSWORD")]
+    Auth {
+        /// The user.
+        user: String,
+        /// Neo4j's message.
+        message: String,
+    },
+    /// Neo4j rejected a statement; retrying will not help.
+    #[error("Neo4j rejected the write: {0}")]
+    Rejected(String),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl SinkError {
+    /// Whether retrying the same batch may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient(_))
+    }
+
+    fn from_neo4rs(e: neo4rs::Error, user: &str) -> SinkError {
+        use neo4rs::Error as E;
+        match e {
+            E::Neo4j(n) => match n.kind() {
+                Neo4jErrorKind::Transient
+                | Neo4jErrorKind::Database
+                | Neo4jErrorKind::Client(Neo4jClientErrorKind::SessionExpired) => {
+                    SinkError::Transient(format!("{}: {}", n.code(), n.message()))
+                }
+                Neo4jErrorKind::Client(Neo4jClientErrorKind::Security(_)) => SinkError::Auth {
+                    user: user.to_string(),
+                    message: n.message().to_string(),
+                },
+                _ => SinkError::Rejected(format!("{}: {}", n.code(), n.message())),
+            },
+            E::AuthenticationError(m) => SinkError::Auth {
+                user: user.to_string(),
+                message: m,
+            },
+            E::UrlParseError(_)
+            | E::UnsupportedScheme(_)
+            | E::InvalidDnsName(_)
+            | E::InvalidConfig => SinkError::Config(format!("the Neo4j URI is invalid: {e}")),
+            E::UnsupportedVersion(..) | E::ProtocolMismatch(_) => SinkError::Config(format!(
+                "the server at the Neo4j URI does not speak a Bolt version walgraph supports: {e}"
+            )),
+            other => SinkError::Transient(other.to_string()),
+        }
+    }
+}
+
+/// A connection pool to Neo4j for one slot's checkpoint.
+#[derive(Clone)]
+pub struct Sink {
+    graph: Graph,
+    slot: String,
+    user: String,
+    timeout: Duration,
+}
+
+impl Sink {
+    /// Connects and checks the connection with a trivial query.
+    pub async fn connect(cfg: &Neo4jConfig, slot: &str) -> Result<Sink, SinkError> {
+        let password = cfg.password.as_ref().ok_or_else(|| {
+            SinkError::Config(
+                "no Neo4j password given: set WALGRAPH_NEO4J_PASSWORD or neo4j.password_file"
+                    .into(),
+            )
+        })?;
+        let mut builder = ConfigBuilder::default()
+            .uri(cfg.uri.clone())
+            .user(cfg.user.clone())
+            .password(password.expose())
+            .max_connections(4)
+            .fetch_size(1000)
+            .connection_timeout(cfg.timeout)
+            .tcp_keepalive(Some(Duration::from_secs(15)));
+        if let Some(db) = &cfg.database {
+            builder = builder.db(db.as_str());
+        }
+        let config = builder
+            .build()
+            .map_err(|e| SinkError::Config(format!("the Neo4j settings are invalid: {e}")))?;
+        let graph = Graph::connect(config).map_err(|e| SinkError::from_neo4rs(e, &cfg.user))?;
+        let sink = Sink {
+            graph,
+            slot: slot.to_string(),
+            user: cfg.user.clone(),
+            timeout: cfg.timeout,
+        };
+        sink.ping().await?;
+        Ok(sink)
+    }
+
+    /// The underlying driver handle, for tools and tests.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn err(&self, e: neo4rs::Error) -> SinkError {
+        SinkError::from_neo4rs(e, &self.user)
+    }
+
+    async fn timed<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, SinkError>>,
+    ) -> Result<T, SinkError> {
+        // Each round trip is bounded by the driver's timeout; this bounds the
+        // whole operation so a stuck server cannot hang walgraph.
+        let limit = self.timeout * 4;
+        tokio::time::timeout(limit, f)
+            .await
+            .map_err(|_| SinkError::Transient(format!("{what} did not finish within {limit:?}")))?
+    }
+
+    /// Runs `RETURN 1`.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        self.timed("connecting to Neo4j", async {
+            let mut rows = self
+                .graph
+                .execute(query("RETURN 1 AS one"))
+                .await
+                .map_err(|e| self.err(e))?;
+            rows.next().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The slot's checkpoint, if walgraph has written one.
+    pub async fn read_checkpoint(&self) -> Result<Option<Lsn>, SinkError> {
+        self.timed("reading the checkpoint", async {
+            let mut rows = self
+                .graph
+                .execute(query(checkpoint::READ).param("slot", self.slot.as_str()))
+                .await
+                .map_err(|e| self.err(e))?;
+            match rows.next().await.map_err(|e| self.err(e))? {
+                Some(row) => {
+                    let lsn: Option<i64> = row.get("lsn").ok();
+                    Ok(lsn.map(Lsn::from_i64))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    /// Applies a batch and moves the checkpoint to its end LSN, in one
+    /// transaction. Returns only after the commit.
+    pub async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        self.timed("writing a batch", async {
+            let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+            for st in &batch.statements {
+                let q = query(&st.cypher).param("rows", BoltType::List(st.rows.clone()));
+                if let Err(e) = txn.run(q).await {
+                    let e = self.err(e);
+                    let _ = txn.rollback().await;
+                    return Err(e);
+                }
+            }
+            let cp = checkpoint::write_query(&self.slot, batch.end_lsn);
+            if let Err(e) = txn.run(cp).await {
+                let e = self.err(e);
+                let _ = txn.rollback().await;
+                return Err(e);
+            }
+            txn.commit().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Creates the uniqueness constraints the mapping needs (and the
+    /// checkpoint's); returns the statements that created something.
+    pub async fn ensure_schema(&self, mapping: &Mapping) -> Result<Vec<String>, SinkError> {
+        let mut wanted = vec![format!(
+            "CREATE CONSTRAINT {} IF NOT EXISTS FOR (c:{}) REQUIRE c.slot IS UNIQUE",
+            quote("walgraph_checkpoint_slot"),
+            quote(checkpoint::LABEL)
+        )];
+        for (label, props) in mapping.node_keys() {
+            let cols: Vec<String> = props.iter().map(|p| format!("n.{}", quote(p))).collect();
+            wanted.push(format!(
+                "CREATE CONSTRAINT {} IF NOT EXISTS FOR (n:{}) REQUIRE ({}) IS UNIQUE",
+                quote(&format!("walgraph_{label}_key")),
+                quote(&label),
+                cols.join(", ")
+            ));
+        }
+        for (rel_type, cols) in mapping.edge_keys() {
+            let cols: Vec<String> = cols.iter().map(|p| format!("r.{}", quote(p))).collect();
+            wanted.push(format!(
+                "CREATE INDEX {} IF NOT EXISTS FOR ()-[r:{}]-() ON ({})",
+                quote(&format!("walgraph_{rel_type}_key")),
+                quote(&rel_type),
+                cols.join(", ")
+            ));
+        }
+        let before = self.schema_names().await?;
+        for q in &wanted {
+            self.timed("creating constraints", async {
+                self.graph.run(query(q)).await.map_err(|e| self.err(e))?;
+                Ok(())
+            })
+            .await?;
+        }
+        let after = self.schema_names().await?;
+        Ok(after.into_iter().filter(|n| !before.contains(n)).collect())
+    }
+
+    /// Labels (or types) with their key properties that lack a uniqueness
+    /// constraint.
+    pub async fn missing_constraints(&self, mapping: &Mapping) -> Result<Vec<String>, SinkError> {
+        let mut have = Vec::new();
+        self.timed("reading constraints", async {
+            let mut rows = self
+                .graph
+                .execute(query(
+                    "SHOW CONSTRAINTS YIELD labelsOrTypes, properties, type WHERE type = 'UNIQUENESS' RETURN labelsOrTypes, properties",
+                ))
+                .await
+                .map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                let labels: Vec<String> = row.get("labelsOrTypes").unwrap_or_default();
+                let props: Vec<String> = row.get("properties").unwrap_or_default();
+                have.push((labels, props));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(mapping
+            .node_keys()
+            .into_iter()
+            .filter(|(label, props)| {
+                let props: Vec<String> = props.iter().map(|p| p.to_string()).collect();
+                !have
+                    .iter()
+                    .any(|(l, p)| l.len() == 1 && l[0] == **label && *p == props)
+            })
+            .map(|(label, props)| {
+                format!(
+                    "{label}({})",
+                    props
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+            .collect())
+    }
+
+    async fn schema_names(&self) -> Result<Vec<String>, SinkError> {
+        let mut names = Vec::new();
+        for q in [
+            "SHOW CONSTRAINTS YIELD name RETURN name",
+            "SHOW INDEXES YIELD name RETURN name",
+        ] {
+            self.timed("reading the schema", async {
+                let mut rows = self
+                    .graph
+                    .execute(query(q))
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                    if let Ok(n) = row.get::<String>("name") {
+                        names.push(n);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(names)
+    }
+}

@@ -1,0 +1,184 @@
+//! Connection settings in libpq's forms: a `postgres://` URL or
+//! `key=value` pairs, with the `PG*` environment variables filling what the
+//! string leaves out (as libpq does).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::config::Secret;
+
+/// Where and as whom to connect.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// Host name, IP address, or a directory holding the server's Unix socket.
+    pub host: String,
+    /// TCP port (also names the Unix socket file).
+    pub port: u16,
+    /// Role name.
+    pub user: String,
+    /// Password, if any.
+    pub password: Option<Secret>,
+    /// Database name.
+    pub dbname: String,
+    /// `application_name` shown in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+/// Why connection settings are unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("the Postgres connection string is invalid ({0}); use a URL like postgres://user@host:5432/db or key=value pairs like host=... dbname=...")]
+pub struct ConnInfoError(String);
+
+impl ConnInfo {
+    /// Parses a URL or `key=value` string; empty parts come from `PG*` variables,
+    /// then from libpq's defaults.
+    pub fn parse(s: &str) -> Result<Self, ConnInfoError> {
+        Self::parse_with_env(s, |k| std::env::var(k).ok())
+    }
+
+    /// As [`ConnInfo::parse`], reading variables through `env` (for tests).
+    pub fn parse_with_env(
+        s: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConnInfoError> {
+        let cfg = if s.trim().is_empty() {
+            tokio_postgres::Config::new()
+        } else {
+            tokio_postgres::Config::from_str(s).map_err(|e| ConnInfoError(e.to_string()))?
+        };
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => env("PGHOST").unwrap_or_else(|| "localhost".into()),
+        };
+        let port = match cfg.get_ports().first() {
+            Some(p) => *p,
+            None => match env("PGPORT") {
+                Some(p) => p
+                    .parse()
+                    .map_err(|_| ConnInfoError(format!("PGPORT `{p}` is not a port number")))?,
+                None => 5432,
+            },
+        };
+        let user = cfg
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .ok_or_else(|| ConnInfoError("no user given and PGUSER is not set".into()))?;
+        let password = match cfg.get_password() {
+            Some(p) => Some(
+                String::from_utf8(p.to_vec())
+                    .map_err(|_| ConnInfoError("the password is not UTF-8".into()))?,
+            ),
+            None => env("PGPASSWORD"),
+        }
+        .map(Secret::new);
+        let dbname = cfg
+            .get_dbname()
+            .map(str::to_string)
+            .or_else(|| env("PGDATABASE"))
+            .unwrap_or_else(|| user.clone());
+        let application_name = cfg
+            .get_application_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| "walgraph".into());
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            application_name,
+        })
+    }
+
+    /// True when `host` names a Unix socket directory.
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// The Unix socket path libpq would use.
+    pub fn socket_path(&self) -> PathBuf {
+        PathBuf::from(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// Settings for a regular (non-replication) `tokio-postgres` connection.
+    pub fn to_tokio_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(&self.application_name)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(p) = &self.password {
+            c.password(p.expose());
+        }
+        c
+    }
+}
+
+impl fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for ConnInfo {
+    /// The target without the password, for messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_and_key_value_forms_agree() {
+        let none = |_: &str| None;
+        let a = ConnInfo::parse_with_env("postgres://u:p%40ss@127.0.0.1:5433/app", none).unwrap();
+        let b = ConnInfo::parse_with_env(
+            "host=127.0.0.1 port=5433 user=u password=p@ss dbname=app",
+            none,
+        )
+        .unwrap();
+        for c in [a, b] {
+            assert_eq!(
+                (c.host.as_str(), c.port, c.user.as_str()),
+                ("127.0.0.1", 5433, "u")
+            );
+            assert_eq!(c.password.as_ref().unwrap().expose(), "p@ss");
+            assert_eq!(c.dbname, "app");
+        }
+    }
+
+    #[test]
+    fn pg_variables_fill_the_gaps() {
+        let env = |k: &str| match k {
+            "PGHOST" => Some("/run/pg".into()),
+            "PGPORT" => Some("6000".into()),
+            "PGUSER" => Some("alice".into()),
+            "PGPASSWORD" => Some("pw".into()),
+            _ => None,
+        };
+        let c = ConnInfo::parse_with_env("", env).unwrap();
+        assert!(c.is_unix_socket());
+        assert_eq!(c.socket_path(), PathBuf::from("/run/pg/.s.PGSQL.6000"));
+        assert_eq!(c.dbname, "alice");
+        assert!(!format!("{c}").contains("pw"));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_sentence() {
+        let err = ConnInfo::parse_with_env("postgres://[::1", |_| None).unwrap_err();
+        assert!(err.to_string().contains("connection string is invalid"));
+    }
+}
