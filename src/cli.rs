@@ -35,6 +35,16 @@ pub enum Command {
     Setup,
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
     Run,
+    /// Show the slot's position and lag, the checkpoint in Neo4j, and how
+    /// many nodes and relationships each mapped label and type has.
+    Status {
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also show up to this many nodes of each label and relationships of each type.
+        #[arg(long, default_value_t = 0)]
+        sample: usize,
+    },
     /// Drop the replication slot and the publication (a forgotten slot makes
     /// Postgres keep WAL forever and fills its disk).
     Teardown {
@@ -48,8 +58,22 @@ pub enum Command {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Setup => setup(&cfg).await,
+        Command::Setup => {
+            for line in setup(&cfg).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Run => run(&cfg).await,
+        Command::Status { json, sample } => {
+            let s = crate::status::collect(&cfg, sample).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", crate::status::render(&s));
+            }
+            Ok(())
+        }
         Command::Teardown { yes } => teardown(&cfg, yes).await,
     }
 }
@@ -58,7 +82,9 @@ fn conninfo(cfg: &Config) -> anyhow::Result<ConnInfo> {
     Ok(ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?)
 }
 
-async fn setup(cfg: &Config) -> anyhow::Result<()> {
+/// Creates (or finds) the publication, the slot and the Neo4j constraints;
+/// returns one line for each thing created or found.
+pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let info = conninfo(cfg)?;
     let pg = PgClient::connect(&info).await?;
     pg.check_wal_level().await?;
@@ -73,22 +99,21 @@ async fn setup(cfg: &Config) -> anyhow::Result<()> {
     let mapping =
         mapping::compile(&cfg.nodes, &cfg.relationships, &catalog).map_err(RunError::from)?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
-    println!(
-        "{}",
+    let mut lines = vec![
         pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
-            .await?
-    );
-    println!("{}", pg.ensure_slot(&cfg.postgres.slot).await?);
+            .await?,
+        pg.ensure_slot(&cfg.postgres.slot).await?,
+    ];
     let created = sink.ensure_schema(&mapping).await?;
-    if created.is_empty() {
-        println!("Neo4j constraints and indexes already present");
+    lines.push(if created.is_empty() {
+        "Neo4j constraints and indexes already present".to_string()
     } else {
-        println!(
+        format!(
             "created Neo4j constraints and indexes: {}",
             created.join(", ")
-        );
-    }
-    Ok(())
+        )
+    });
+    Ok(lines)
 }
 
 async fn run(cfg: &Config) -> anyhow::Result<()> {

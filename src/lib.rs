@@ -31,6 +31,7 @@ pub mod mapping;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod transactions;
 
 /// An error and its causes as one sentence, for the command line.

@@ -1,0 +1,295 @@
+//! One change end to end: rows written in Postgres become nodes and
+//! relationships in Neo4j, and Postgres hears of a position only after Neo4j
+//! committed it.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{eventually, Fixture, SERVICES};
+
+const USERS_DDL: &str =
+    "CREATE TABLE {s}.users (id int PRIMARY KEY, name text NOT NULL, email text);";
+const USERS_MAPPING: &str = r#"
+[[node]]
+table = "{s}.users"
+label = "{p}User"
+"#;
+
+/// Reads the users as the graph has them.
+async fn graph_users(fx: &Fixture) -> Vec<serde_json::Value> {
+    fx.cypher("MATCH (n:{p}User) RETURN n.id AS id, n.name AS name, n.email AS email ORDER BY id")
+        .await
+}
+
+/// Polls until the graph holds `want`, checking on every poll that the
+/// slot's confirmed position never passes what Neo4j has committed: once
+/// `confirmed_flush_lsn` reaches `after`, the graph must already show `want`.
+async fn expect_users(fx: &Fixture, after: walgraph::lsn::Lsn, want: serde_json::Value) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("the graph to hold {want}"),
+        || async {
+            // Read Postgres' confirmed position first, then Neo4j: the checkpoint
+            // only grows, so confirmed <= checkpoint must hold.
+            let confirmed = fx.confirmed_flush().await;
+            let users = graph_users(fx).await;
+            let checkpoint = fx.checkpoint().await.unwrap_or_default();
+            assert!(
+                confirmed <= checkpoint,
+                "Postgres was told {confirmed} but Neo4j's checkpoint is only {checkpoint}"
+            );
+            if confirmed >= after {
+                assert_eq!(
+                    serde_json::Value::Array(users.clone()),
+                    want,
+                    "the slot confirmed {confirmed} before the graph held the change"
+                );
+            }
+            (serde_json::Value::Array(users) == want && confirmed >= after).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_and_deletes_reach_the_graph_and_flush_follows_commit() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let start = fx.confirmed_flush().await;
+    let run = fx.start();
+
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', 'ann@example.com'), (2, 'bob', NULL)")
+        .await;
+    let after_insert = fx.wal_lsn().await;
+    assert!(after_insert > start);
+    expect_users(
+        &fx,
+        after_insert,
+        json!([
+            {"id": 1, "name": "ann", "email": "ann@example.com"},
+            {"id": 2, "name": "bob", "email": null},
+        ]),
+    )
+    .await;
+
+    fx.sql("UPDATE {s}.users SET name = 'anne', email = NULL WHERE id = 1; UPDATE {s}.users SET email = 'bob@example.com' WHERE id = 2")
+        .await;
+    let after_update = fx.wal_lsn().await;
+    expect_users(
+        &fx,
+        after_update,
+        json!([
+            {"id": 1, "name": "anne", "email": null},
+            {"id": 2, "name": "bob", "email": "bob@example.com"},
+        ]),
+    )
+    .await;
+
+    fx.sql("DELETE FROM {s}.users WHERE id = 1").await;
+    let after_delete = fx.wal_lsn().await;
+    expect_users(
+        &fx,
+        after_delete,
+        json!([{"id": 2, "name": "bob", "email": "bob@example.com"}]),
+    )
+    .await;
+
+    run.stop().await;
+    fx.cleanup().await;
+}
+
+const SHOP_DDL: &str = "
+CREATE TABLE {s}.users (id int PRIMARY KEY, name text NOT NULL, password_hash text);
+CREATE TABLE {s}.roles (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE {s}.user_roles (user_id int REFERENCES {s}.users, role_id int REFERENCES {s}.roles,
+                             granted_at date, PRIMARY KEY (user_id, role_id));
+CREATE TABLE {s}.orders (id int PRIMARY KEY, user_id int REFERENCES {s}.users, total numeric(10,2));
+";
+
+const SHOP_MAPPING: &str = r#"
+[[node]]
+table = "{s}.users"
+label = "{p}User"
+exclude = ["password_hash"]
+
+[[node]]
+table = "{s}.roles"
+label = "{p}Role"
+
+[[node]]
+table = "{s}.orders"
+label = "{p}Order"
+
+[[relationship]]
+table = "{s}.orders"
+type = "{p}PLACED_BY"
+from = { label = "{p}Order", columns = ["id"] }
+to = { label = "{p}User", columns = ["user_id"] }
+
+[[relationship]]
+table = "{s}.user_roles"
+type = "{p}HAS_ROLE"
+from = { label = "{p}User", columns = ["user_id"] }
+to = { label = "{p}Role", columns = ["role_id"] }
+properties = ["granted_at"]
+"#;
+
+async fn edges(fx: &Fixture) -> serde_json::Value {
+    let placed = fx
+        .cypher("MATCH (o:{p}Order)-[r:{p}PLACED_BY]->(u:{p}User) RETURN o.id AS order, u.id AS user ORDER BY order")
+        .await;
+    let roles = fx
+        .cypher(
+            "MATCH (u:{p}User)-[r:{p}HAS_ROLE]->(x:{p}Role) \
+             RETURN u.id AS user, x.id AS role, toString(r.granted_at) AS granted ORDER BY user, role",
+        )
+        .await;
+    json!({"placed": placed, "roles": roles})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_and_join_tables_become_relationships() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(SHOP_DDL, SHOP_MAPPING).await;
+    fx.setup().await;
+    let run = fx.start();
+
+    fx.sql(
+        "INSERT INTO {s}.users VALUES (1, 'ann', 'secret'), (2, 'bob', 'secret');
+         INSERT INTO {s}.roles VALUES (10, 'admin'), (11, 'viewer');
+         INSERT INTO {s}.user_roles VALUES (1, 10, '2024-01-02'), (2, 11, NULL);
+         INSERT INTO {s}.orders VALUES (100, 1, 9.99), (101, NULL, 1.00);",
+    )
+    .await;
+    let want = json!({
+        "placed": [{"order": 100, "user": 1}],
+        "roles": [{"user": 1, "role": 10, "granted": "2024-01-02"}, {"user": 2, "role": 11, "granted": null}],
+    });
+    eventually(
+        Duration::from_secs(30),
+        "relationships to appear",
+        || async { (edges(&fx).await == want).then_some(()) },
+    )
+    .await;
+    // Excluded columns never reach the graph; numeric keeps its exact text.
+    let users = fx
+        .cypher("MATCH (u:{p}User) RETURN u.id AS id, u.password_hash AS pw ORDER BY id")
+        .await;
+    assert_eq!(
+        users,
+        vec![json!({"id": 1, "pw": null}), json!({"id": 2, "pw": null})]
+    );
+    let orders = fx
+        .cypher("MATCH (o:{p}Order {id: 100}) RETURN o.total AS total")
+        .await;
+    assert_eq!(orders, vec![json!({"total": "9.99"})]);
+
+    // Move an order to another user, give the other order a user, revoke a role.
+    fx.sql(
+        "UPDATE {s}.orders SET user_id = 2 WHERE id = 100;
+         UPDATE {s}.orders SET user_id = 1 WHERE id = 101;
+         DELETE FROM {s}.user_roles WHERE user_id = 1;
+         UPDATE {s}.user_roles SET role_id = 10 WHERE user_id = 2;",
+    )
+    .await;
+    let want = json!({
+        "placed": [{"order": 100, "user": 2}, {"order": 101, "user": 1}],
+        "roles": [{"user": 2, "role": 10, "granted": null}],
+    });
+    eventually(Duration::from_secs(30), "relationships to move", || async {
+        (edges(&fx).await == want).then_some(())
+    })
+    .await;
+    // One edge per row: nothing was duplicated along the way.
+    let counts = fx
+        .cypher("MATCH ()-[r]->() WHERE type(r) STARTS WITH '{p}' RETURN count(r) AS n")
+        .await;
+    assert_eq!(counts, vec![json!({"n": 3})]);
+
+    run.stop().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_only_properties_survive_updates() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
+        .await;
+    eventually(Duration::from_secs(30), "the node", || async {
+        (graph_users(&fx).await.len() == 1).then_some(())
+    })
+    .await;
+    fx.cypher_write("MATCH (n:{p}User {id: 1}) SET n.score = 42")
+        .await;
+    fx.sql("UPDATE {s}.users SET name = 'anne' WHERE id = 1")
+        .await;
+    eventually(Duration::from_secs(30), "the update", || async {
+        let rows = fx
+            .cypher("MATCH (n:{p}User {id: 1}) RETURN n.name AS name, n.score AS score")
+            .await;
+        (rows == vec![json!({"name": "anne", "score": 42})]).then_some(())
+    })
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_the_checkpoint_without_reapplying() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(SHOP_DDL, SHOP_MAPPING).await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql(
+        "INSERT INTO {s}.users VALUES (1, 'ann', NULL);
+         INSERT INTO {s}.roles VALUES (10, 'admin');
+         INSERT INTO {s}.user_roles VALUES (1, 10, NULL);",
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the first changes", || async {
+        (edges(&fx).await["roles"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    run.stop().await;
+    let checkpoint = fx
+        .checkpoint()
+        .await
+        .expect("a checkpoint after the first run");
+
+    // Written while walgraph is stopped.
+    fx.sql(
+        "INSERT INTO {s}.users VALUES (2, 'bob', NULL);
+         INSERT INTO {s}.user_roles VALUES (2, 10, NULL);
+         UPDATE {s}.users SET name = 'anne' WHERE id = 1;",
+    )
+    .await;
+    let run = fx.start();
+    let want = json!({
+        "placed": [],
+        "roles": [{"user": 1, "role": 10, "granted": null}, {"user": 2, "role": 10, "granted": null}],
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the changes made while stopped",
+        || async { (edges(&fx).await == want).then_some(()) },
+    )
+    .await;
+    let names = fx
+        .cypher("MATCH (u:{p}User) RETURN u.name AS name ORDER BY name")
+        .await;
+    assert_eq!(names, vec![json!({"name": "anne"}), json!({"name": "bob"})]);
+    assert!(fx.checkpoint().await.unwrap_or_default() > checkpoint);
+    let counts = fx
+        .cypher(
+            "MATCH (n) WHERE any(l IN labels(n) WHERE l STARTS WITH '{p}') RETURN count(n) AS n",
+        )
+        .await;
+    assert_eq!(counts, vec![json!({"n": 3})], "no node was created twice");
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -1,0 +1,10 @@
+//! Integration tests against a real Postgres and a real Neo4j.
+//!
+//! Start them with `deploy/local/services up` and load their settings with
+//! `eval "$(deploy/local/services env)"`; `deploy/local/test` does both.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod end_to_end;

@@ -1,0 +1,292 @@
+//! Shared test fixtures: real Postgres and real Neo4j, started by
+//! `deploy/local/services up`, found through the `WALGRAPH_*` variables.
+//!
+//! Each fixture has its own schema, slot, publication and label prefix, so
+//! tests run in parallel against one Postgres and one Neo4j.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use neo4rs::{query, Graph};
+use tokio::sync::{watch, RwLock};
+use tokio_postgres::{Client, NoTls};
+use walgraph::config::{Config, Secret};
+use walgraph::lsn::Lsn;
+
+/// Tests that restart a database take this for writing; all others for reading.
+pub static SERVICES: RwLock<()> = RwLock::const_new(());
+
+/// Connection settings from the environment.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub pg_url: String,
+    pub neo4j_uri: String,
+    pub neo4j_user: String,
+    pub neo4j_password: String,
+}
+
+/// Reads the `WALGRAPH_*` variables; fails the test (never skips) when absent.
+pub fn env() -> Env {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!(
+                "{k} is not set: start the databases with `deploy/local/services up` and load \
+                 their settings with `eval \"$(deploy/local/services env)\"` (deploy/local/test does both)"
+            )
+        })
+    };
+    Env {
+        pg_url: get("WALGRAPH_PG_URL"),
+        neo4j_uri: get("WALGRAPH_NEO4J_URI"),
+        neo4j_user: get("WALGRAPH_NEO4J_USER"),
+        neo4j_password: get("WALGRAPH_NEO4J_PASSWORD"),
+    }
+}
+
+/// A regular Postgres client.
+pub async fn pg(env: &Env) -> Client {
+    let (client, conn) = tokio_postgres::connect(&env.pg_url, NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to Postgres ({e}); is `deploy/local/services up` running?")
+        });
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A Neo4j client.
+pub async fn graph(env: &Env) -> Graph {
+    Graph::new(&env.neo4j_uri, &env.neo4j_user, &env.neo4j_password).unwrap_or_else(|e| {
+        panic!("cannot reach Neo4j ({e}); is `deploy/local/services up` running?")
+    })
+}
+
+/// Waits until `check` returns `Some`, or fails after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A test's own schema, slot, publication and labels.
+pub struct Fixture {
+    pub env: Env,
+    /// Short unique id, lowercase.
+    pub id: String,
+    /// Postgres schema.
+    pub schema: String,
+    /// Label and type prefix, like `T1a2b3c`.
+    pub prefix: String,
+    pub pg: Client,
+    pub graph: Graph,
+    pub config: Config,
+}
+
+/// A walgraph `run` inside the test process.
+pub struct Running {
+    pub handle: tokio::task::JoinHandle<Result<(), walgraph::pipeline::RunError>>,
+    pub stop: watch::Sender<bool>,
+}
+
+impl Running {
+    /// Asks it to stop and waits; panics if it failed.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(30), self.handle).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("walgraph run failed: {e}"),
+            Ok(Err(e)) => panic!("walgraph run panicked: {e}"),
+            Err(_) => panic!("walgraph run did not stop within 30s of shutdown"),
+        }
+    }
+}
+
+impl Fixture {
+    /// Creates the schema with `ddl` and a config with `mapping`; in both,
+    /// `{s}` stands for the schema and `{p}` for the label prefix.
+    pub async fn new(ddl: &str, mapping: &str) -> Fixture {
+        let env = env();
+        let id: String = (0..8).map(|_| fastrand::lowercase()).collect();
+        let schema = format!("t_{id}");
+        let prefix = format!("T{id}");
+        let pg = pg(&env).await;
+        drop_stale_slots(&pg).await;
+        let fill = |s: &str| s.replace("{s}", &schema).replace("{p}", &prefix);
+        pg.batch_execute(&format!("CREATE SCHEMA {schema}; {}", fill(ddl)))
+            .await
+            .unwrap_or_else(|e| panic!("test DDL failed: {e}"));
+        let mut config =
+            Config::parse(&fill(mapping)).unwrap_or_else(|e| panic!("test mapping: {e}"));
+        config.postgres.url = Some(env.pg_url.clone());
+        config.postgres.slot = format!("wgt_{}_{id}", std::process::id());
+        config.postgres.publication = format!("wgt_{id}");
+        config.neo4j.uri = env.neo4j_uri.clone();
+        config.neo4j.user = env.neo4j_user.clone();
+        config.neo4j.password = Some(Secret::new(env.neo4j_password.clone()));
+        config.batch.max_delay = Duration::from_millis(20);
+        let graph = graph(&env).await;
+        Fixture {
+            env,
+            id,
+            schema,
+            prefix,
+            pg,
+            graph,
+            config,
+        }
+    }
+
+    /// `{p}Name` for this fixture.
+    pub fn label(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Runs `walgraph setup` for this fixture.
+    pub async fn setup(&self) -> Vec<String> {
+        walgraph::cli::setup(&self.config)
+            .await
+            .unwrap_or_else(|e| panic!("setup failed: {}", walgraph::error_sentence(&e)))
+    }
+
+    /// Starts `walgraph run` in the background.
+    pub fn start(&self) -> Running {
+        let (stop, rx) = watch::channel(false);
+        let cfg = self.config.clone();
+        let handle = tokio::spawn(async move { walgraph::pipeline::run(&cfg, rx).await });
+        Running { handle, stop }
+    }
+
+    /// Runs SQL.
+    pub async fn sql(&self, sql: &str) {
+        let sql = sql.replace("{s}", &self.schema);
+        self.pg
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+    }
+
+    /// The server's current WAL position.
+    pub async fn wal_lsn(&self) -> Lsn {
+        let row = self
+            .pg
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("pg_current_wal_lsn");
+        row.get::<_, String>(0).parse().expect("an LSN")
+    }
+
+    /// The slot's `confirmed_flush_lsn`.
+    pub async fn confirmed_flush(&self) -> Lsn {
+        let row = self
+            .pg
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.postgres.slot],
+            )
+            .await
+            .expect("slot row");
+        row.get::<_, String>(0).parse().expect("an LSN")
+    }
+
+    /// The checkpoint walgraph keeps in Neo4j.
+    pub async fn checkpoint(&self) -> Option<Lsn> {
+        let mut rows = self
+            .graph
+            .execute(
+                query("MATCH (c:WalgraphCheckpoint {slot: $slot}) RETURN c.lsn AS lsn")
+                    .param("slot", self.config.postgres.slot.as_str()),
+            )
+            .await
+            .expect("checkpoint query");
+        let row = rows.next().await.expect("checkpoint row")?;
+        row.get::<i64>("lsn").ok().map(Lsn::from_i64)
+    }
+
+    /// Runs a read query and returns each row's columns as JSON.
+    pub async fn cypher(&self, q: &str) -> Vec<serde_json::Value> {
+        let q = q.replace("{p}", &self.prefix);
+        let mut rows = self
+            .graph
+            .execute(query(&q))
+            .await
+            .unwrap_or_else(|e| panic!("cypher failed: {e}\n{q}"));
+        let mut out = Vec::new();
+        while let Some(row) = rows
+            .next()
+            .await
+            .unwrap_or_else(|e| panic!("cypher failed: {e}\n{q}"))
+        {
+            let v: serde_json::Value = row.to().unwrap_or_else(|e| panic!("row to JSON: {e}"));
+            out.push(v);
+        }
+        out
+    }
+
+    /// Runs a write query.
+    pub async fn cypher_write(&self, q: &str) {
+        let q = q.replace("{p}", &self.prefix);
+        self.graph
+            .run(query(&q))
+            .await
+            .unwrap_or_else(|e| panic!("cypher failed: {e}\n{q}"));
+    }
+
+    /// Drops the slot, publication, schema and this fixture's graph data.
+    pub async fn cleanup(self) {
+        let slot = &self.config.postgres.slot;
+        let _ = self
+            .pg
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[slot],
+            )
+            .await;
+        let _ = self
+            .pg
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA IF EXISTS {} CASCADE",
+                self.config.postgres.publication, self.schema
+            ))
+            .await;
+        let prefix = self.prefix.clone();
+        let _ = self
+            .graph
+            .run(
+                query(
+                    "MATCH (n) WHERE any(l IN labels(n) WHERE l STARTS WITH $p) \
+                     OR (n:WalgraphCheckpoint AND n.slot = $slot) DETACH DELETE n",
+                )
+                .param("p", prefix)
+                .param("slot", slot.as_str()),
+            )
+            .await;
+    }
+}
+
+/// Drops inactive test slots left behind by earlier test processes (their
+/// names carry the pid), so a failed run does not make Postgres keep WAL.
+async fn drop_stale_slots(pg: &Client) {
+    let mine = format!("wgt_{}_%", std::process::id());
+    let _ = pg
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'wgt\\_%' AND slot_name NOT LIKE $1 AND NOT active",
+            &[&mine],
+        )
+        .await;
+}
