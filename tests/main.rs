@@ -8,3 +8,4 @@
 mod support;
 
 mod end_to_end;
+mod outages;

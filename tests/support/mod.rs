@@ -151,6 +151,11 @@ impl Fixture {
         }
     }
 
+    /// Opens a new Postgres connection (after a server restart).
+    pub async fn reconnect(&mut self) {
+        self.pg = pg(&self.env).await;
+    }
+
     /// `{p}Name` for this fixture.
     pub fn label(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
