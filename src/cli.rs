@@ -35,6 +35,24 @@ pub enum Command {
     Setup,
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
     Run,
+    /// Print the decoded transactions as JSON lines, writing nowhere and (by
+    /// default) confirming nothing, so the slot stays where it was.
+    Peek {
+        /// Read from a temporary slot created now (sees only new changes)
+        /// instead of the configured slot.
+        #[arg(long)]
+        temporary: bool,
+        /// Stop after this many transactions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Stop after this long without a new transaction (like `5s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_timeout: Option<std::time::Duration>,
+        /// Confirm what was printed, advancing the slot (walgraph `run` will
+        /// then not see those transactions).
+        #[arg(long)]
+        confirm: bool,
+    },
     /// Show the slot's position and lag, the checkpoint in Neo4j, and how
     /// many nodes and relationships each mapped label and type has.
     Status {
@@ -65,6 +83,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(&cfg).await,
+        Command::Peek {
+            temporary,
+            limit,
+            idle_timeout,
+            confirm,
+        } => {
+            let opts = crate::peek::PeekOptions {
+                slot: (!temporary).then(|| cfg.postgres.slot.clone()),
+                publications: vec![cfg.postgres.publication.clone()],
+                proto_version: cfg.postgres.proto_version,
+                limit,
+                idle_timeout,
+                confirm,
+            };
+            let mut out = std::io::stdout();
+            crate::peek::peek(&conninfo(&cfg)?, &opts, &mut out, wait_for_signal()).await?;
+            Ok(())
+        }
         Command::Status { json, sample } => {
             let s = crate::status::collect(&cfg, sample).await?;
             if json {

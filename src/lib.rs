@@ -28,6 +28,7 @@ pub mod decode;
 pub mod lsn;
 pub mod map;
 pub mod mapping;
+pub mod peek;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
