@@ -52,6 +52,10 @@ pub enum Command {
         /// then not see those transactions).
         #[arg(long)]
         confirm: bool,
+        /// Show two-phase transactions at PREPARE time (protocol 3+); on a
+        /// non-temporary slot this turns two-phase decoding on for good.
+        #[arg(long)]
+        two_phase: bool,
     },
     /// Show the slot's position and lag, the checkpoint in Neo4j, and how
     /// many nodes and relationships each mapped label and type has.
@@ -88,11 +92,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             limit,
             idle_timeout,
             confirm,
+            two_phase,
         } => {
             let opts = crate::peek::PeekOptions {
                 slot: (!temporary).then(|| cfg.postgres.slot.clone()),
                 publications: vec![cfg.postgres.publication.clone()],
                 proto_version: cfg.postgres.proto_version,
+                streaming: cfg.postgres.streaming,
+                two_phase,
+                spill: cfg.postgres.spill(),
                 limit,
                 idle_timeout,
                 confirm,

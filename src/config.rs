@@ -71,9 +71,39 @@ pub struct PostgresConfig {
     /// The publication naming the mapped tables.
     #[serde(default = "default_name")]
     pub publication: String,
-    /// The pgoutput protocol version to ask for (1 to 4).
-    #[serde(default = "default_proto_version")]
-    pub proto_version: u32,
+    /// The pgoutput protocol version to ask for (1 to 4). Default: the
+    /// highest the server speaks (PostgreSQL 14: 2, 15: 3, 16 and later: 4).
+    #[serde(default)]
+    pub proto_version: Option<u32>,
+    /// Ask the server to stream large in-progress transactions (protocol 2
+    /// and later) instead of spilling them to its own disk until they commit.
+    #[serde(default = "default_true")]
+    pub streaming: bool,
+    /// MiB of one streamed transaction walgraph keeps in memory before the
+    /// rest goes to a spill file.
+    #[serde(default = "default_stream_memory_mib")]
+    pub stream_memory_mib: usize,
+    /// Where spill files go (default: the system's temporary directory).
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl PostgresConfig {
+    /// The spill settings for streamed transactions.
+    pub fn spill(&self) -> crate::transactions::SpillSettings {
+        crate::transactions::SpillSettings {
+            memory_limit: self.stream_memory_mib.saturating_mul(1 << 20),
+            dir: self.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_stream_memory_mib() -> usize {
+    64
 }
 
 impl Default for PostgresConfig {
@@ -82,17 +112,16 @@ impl Default for PostgresConfig {
             url: None,
             slot: default_name(),
             publication: default_name(),
-            proto_version: default_proto_version(),
+            proto_version: None,
+            streaming: true,
+            stream_memory_mib: default_stream_memory_mib(),
+            spill_dir: None,
         }
     }
 }
 
 fn default_name() -> String {
     "walgraph".into()
-}
-
-fn default_proto_version() -> u32 {
-    1
 }
 
 /// `[neo4j]`: where the graph lives.
@@ -257,10 +286,9 @@ impl Config {
                 "batch.max_changes must be at least 1".into(),
             ));
         }
-        if !(1..=4).contains(&self.postgres.proto_version) {
+        if let Some(v) = self.postgres.proto_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid(format!(
-                "postgres.proto_version is {}, but pgoutput speaks versions 1 to 4",
-                self.postgres.proto_version
+                "postgres.proto_version is {v}, but pgoutput speaks versions 1 to 4"
             )));
         }
         for (what, name) in [

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value as Json};
 use tokio::time::Instant;
 
-use crate::decode::{Decoder, Field, Relation, Row};
+use crate::decode::{Field, Relation, Row};
 use crate::lsn::Lsn;
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
 use crate::transactions::{Assembler, Transaction};
@@ -23,8 +23,14 @@ pub struct PeekOptions {
     pub slot: Option<String>,
     /// Publications to decode.
     pub publications: Vec<String>,
-    /// pgoutput protocol version.
-    pub proto_version: u32,
+    /// pgoutput protocol version (default: the server's highest).
+    pub proto_version: Option<u32>,
+    /// Stream in-progress transactions (protocol 2+).
+    pub streaming: bool,
+    /// Show prepared transactions at PREPARE (protocol 3+).
+    pub two_phase: bool,
+    /// Spill settings for streamed transactions.
+    pub spill: crate::transactions::SpillSettings,
     /// Stop after this many transactions.
     pub limit: Option<usize>,
     /// Stop after this long without a new transaction.
@@ -100,6 +106,7 @@ pub async fn peek(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<usize> {
     let mut stream = ReplicationStream::connect(info).await?;
+    let proto_version = stream.negotiate_proto_version(opts.proto_version).await?;
     let slot = match &opts.slot {
         Some(s) => s.clone(),
         None => {
@@ -117,12 +124,13 @@ pub async fn peek(
             slot,
             publications: opts.publications.clone(),
             start: Lsn::ZERO,
-            proto_version: opts.proto_version,
+            proto_version,
             messages: true,
+            streaming: opts.streaming,
+            two_phase: opts.two_phase,
         })
         .await?;
-    let mut decoder = Decoder::new();
-    let mut assembler = Assembler::new();
+    let mut assembler = Assembler::with_spill(opts.spill.clone());
     let mut printed = 0usize;
     let mut last_end = Lsn::ZERO;
     let mut status = tokio::time::interval(stream.status_interval());
@@ -143,10 +151,10 @@ pub async fn peek(
             _ = &mut stop => break,
             ev = stream.next_event() => match ev? {
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
-                    let msg = decoder
-                        .decode(&data)
-                        .map_err(|e| anyhow::anyhow!("cannot decode the message at {wal_start}: {e}"))?;
-                    if let Some(txn) = assembler.push(msg)? {
+                    let txn = assembler
+                        .push_raw(&data)
+                        .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
+                    if let Some(txn) = txn {
                         writeln!(out, "{}", transaction_json(&txn))?;
                         out.flush()?;
                         printed += 1;

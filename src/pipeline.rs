@@ -22,7 +22,6 @@ use tokio::time::{sleep, sleep_until, Instant};
 use crate::batch::{Batch, Batcher};
 use crate::catalog::{CatalogError, PgClient};
 use crate::config::Config;
-use crate::decode::{DecodeError, Decoder};
 use crate::lsn::Lsn;
 use crate::map::{MapError, Mapper};
 use crate::mapping::{self, Mapping, MappingError};
@@ -45,18 +44,15 @@ pub enum RunError {
     /// The mapping does not fit the database.
     #[error("the mapping does not fit the database: {0}")]
     Mapping(#[from] MappingError),
-    /// A message could not be decoded.
-    #[error("cannot decode the replication stream at {lsn}: {source}")]
-    Decode {
+    /// The stream could not be decoded or assembled.
+    #[error("cannot read the replication stream at {lsn}: {source}")]
+    Stream {
         /// Where.
         lsn: Lsn,
         /// Why.
         #[source]
-        source: DecodeError,
+        source: AssembleError,
     },
-    /// The stream could not be assembled.
-    #[error(transparent)]
-    Assemble(#[from] AssembleError),
     /// A change could not be mapped.
     #[error(transparent)]
     Map(#[from] MapError),
@@ -262,14 +258,22 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
     let checkpoint = p.sink.read_checkpoint().await?.unwrap_or(Lsn::ZERO);
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
-    tracing::info!(checkpoint = %checkpoint, server_wal = %system.xlogpos, slot = %cfg.postgres.slot, "starting replication");
+    let proto_version = stream
+        .negotiate_proto_version(cfg.postgres.proto_version)
+        .await?;
+    tracing::info!(checkpoint = %checkpoint, server_wal = %system.xlogpos, slot = %cfg.postgres.slot, proto_version, "starting replication");
     stream
         .start(&StartOptions {
             slot: cfg.postgres.slot.clone(),
             publications: vec![cfg.postgres.publication.clone()],
             start: checkpoint,
-            proto_version: cfg.postgres.proto_version,
+            proto_version,
             messages: false,
+            streaming: cfg.postgres.streaming,
+            // Prepared transactions arrive as ordinary ones at COMMIT
+            // PREPARED: applying at commit is all walgraph needs, and it
+            // leaves nothing held across a restart.
+            two_phase: false,
         })
         .await?;
 
@@ -279,8 +283,7 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
     let _abort_sink = AbortOnDrop(sink_handle);
 
     let mapper = Mapper::new(Arc::clone(&p.mapping));
-    let mut decoder = Decoder::new();
-    let mut assembler = Assembler::new();
+    let mut assembler = Assembler::with_spill(cfg.postgres.spill());
     let mut batcher = Batcher::new();
     let mut ops = Vec::new();
     let mut flushed = checkpoint;
@@ -323,8 +326,8 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
             ev = stream.next_event(), if can_read => match ev? {
                 ReplicationEvent::XLogData { wal_start, wal_end, data } => {
                     server_wal_end = server_wal_end.max(wal_end);
-                    let msg = decoder.decode(&data).map_err(|source| RunError::Decode { lsn: wal_start, source })?;
-                    if let Some(txn) = assembler.push(msg)? {
+                    let txn = assembler.push_raw(&data).map_err(|source| RunError::Stream { lsn: wal_start, source })?;
+                    if let Some(txn) = txn {
                         if txn.end_lsn <= checkpoint {
                             tracing::debug!(end_lsn = %txn.end_lsn, "skipping a transaction already applied");
                             continue;

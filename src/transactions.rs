@@ -6,15 +6,25 @@
 //! - an aborted streamed transaction, or an aborted subtransaction inside it,
 //!   leaves no change behind; a prepared transaction that is rolled back emits
 //!   nothing;
-//! - changes keep the order the server sent them in.
+//! - changes keep the order the server sent them in;
+//! - a streamed transaction (protocol 2+) is kept as its raw messages, in
+//!   memory up to a threshold and in a spill file beyond it, and decoded only
+//!   when it commits; its Relation messages (which may describe uncommitted
+//!   DDL) reach the shared relation cache only if it commits, as pgoutput
+//!   expects (it does not resend a schema a committed stream carried).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 use serde::Serialize;
 
 use crate::decode::{
-    decode_row, Field, OldKind, PgOutputMessage, Relation, RelationCache, ResolveError, Row, Xid,
+    decode_message, decode_row, DecodeError, Decoder, Field, OldKind, PgOutputMessage, Relation,
+    RelationCache, ResolveError, Row, Xid,
 };
 use crate::lsn::Lsn;
 
@@ -94,20 +104,31 @@ pub struct LogicalMessage {
 /// Why the stream could not be assembled into transactions.
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
+    /// A message could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
     /// A change could not be resolved against the relation cache.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     /// Messages arrived out of the protocol's order.
     #[error("the replication stream is out of order: {0}")]
     OutOfOrder(String),
+    /// The spill file of a streamed transaction failed.
+    #[error("cannot spill a streamed transaction to {path}: {source}; check stream.spill_dir and free disk space")]
+    Spill {
+        /// The spill file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug)]
 struct Building {
     xid: Xid,
     origin: Option<String>,
-    /// Changes with the (sub)transaction id that made them (streaming only).
-    changes: Vec<(Xid, Change)>,
+    changes: Vec<Change>,
     messages: Vec<LogicalMessage>,
 }
 
@@ -128,20 +149,173 @@ impl Building {
             end_lsn,
             commit_time,
             origin: self.origin,
-            changes: self.changes.into_iter().map(|(_, c)| c).collect(),
+            changes: self.changes,
             messages: self.messages,
         }
+    }
+}
+
+/// Where streamed transactions wait for their commit.
+#[derive(Debug, Clone)]
+pub struct SpillSettings {
+    /// Bytes of raw messages one streamed transaction keeps in memory before
+    /// the rest goes to a file.
+    pub memory_limit: usize,
+    /// The directory for spill files.
+    pub dir: PathBuf,
+}
+
+impl Default for SpillSettings {
+    fn default() -> Self {
+        SpillSettings {
+            memory_limit: 64 << 20,
+            dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// The raw messages of one in-progress streamed transaction.
+#[derive(Debug)]
+struct StreamBuffer {
+    xid: Xid,
+    memory: Vec<Bytes>,
+    memory_bytes: usize,
+    spill: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    /// Subtransactions that aborted; their messages are skipped at replay.
+    aborted: HashSet<Xid>,
+}
+
+impl StreamBuffer {
+    fn new(xid: Xid) -> Self {
+        StreamBuffer {
+            xid,
+            memory: Vec::new(),
+            memory_bytes: 0,
+            spill: None,
+            aborted: HashSet::new(),
+        }
+    }
+
+    fn push(&mut self, msg: Bytes, settings: &SpillSettings) -> Result<(), AssembleError> {
+        if self.spill.is_none() && self.memory_bytes + msg.len() > settings.memory_limit {
+            let path = settings.dir.join(format!(
+                "walgraph-stream-{}-{}-{}.spill",
+                std::process::id(),
+                self.xid,
+                fastrand::u32(..)
+            ));
+            let spill_err = |source| AssembleError::Spill {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(spill_err)?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            for m in self.memory.drain(..) {
+                write_record(&mut w, &m).map_err(spill_err)?;
+            }
+            self.memory_bytes = 0;
+            tracing::debug!(xid = self.xid, path = %path.display(), "streamed transaction spilled to disk");
+            self.spill = Some((path, w));
+        }
+        match &mut self.spill {
+            Some((path, w)) => write_record(w, &msg).map_err(|source| AssembleError::Spill {
+                path: path.clone(),
+                source,
+            }),
+            None => {
+                self.memory_bytes += msg.len();
+                self.memory.push(msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls `f` on every kept message, in order, then removes the spill file.
+    fn replay(
+        mut self,
+        mut f: impl FnMut(Bytes) -> Result<(), AssembleError>,
+    ) -> Result<(), AssembleError> {
+        if let Some((path, w)) = self.spill.take() {
+            let spill_err = |source| AssembleError::Spill {
+                path: path.clone(),
+                source,
+            };
+            let file = w.into_inner().map_err(|e| spill_err(e.into_error()))?;
+            let result = (|| {
+                use std::io::Seek;
+                let mut file = file;
+                file.seek(std::io::SeekFrom::Start(0)).map_err(spill_err)?;
+                let mut r = BufReader::with_capacity(1 << 20, file);
+                while let Some(m) = read_record(&mut r).map_err(spill_err)? {
+                    f(m)?;
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&path);
+            return result;
+        }
+        for m in self.memory.drain(..) {
+            f(m)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StreamBuffer {
+    fn drop(&mut self) {
+        if let Some((path, _)) = self.spill.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn write_record(w: &mut impl Write, m: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(m.len()).map_err(|_| std::io::Error::other("message over 4 GiB"))?;
+    w.write_all(&len.to_be_bytes())?;
+    w.write_all(m)
+}
+
+fn read_record(r: &mut impl Read) -> std::io::Result<Option<Bytes>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    r.read_exact(&mut buf)?;
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// The (sub)transaction id a message inside a stream block carries.
+fn streamed_xid(msg: &PgOutputMessage) -> Option<Xid> {
+    match msg {
+        PgOutputMessage::Relation { xid, .. }
+        | PgOutputMessage::Type { xid, .. }
+        | PgOutputMessage::Insert { xid, .. }
+        | PgOutputMessage::Update { xid, .. }
+        | PgOutputMessage::Delete { xid, .. }
+        | PgOutputMessage::Truncate { xid, .. }
+        | PgOutputMessage::Message { xid, .. } => *xid,
+        _ => None,
     }
 }
 
 /// Turns the message stream into committed transactions.
 #[derive(Debug, Default)]
 pub struct Assembler {
+    decoder: Decoder,
     cache: RelationCache,
+    spill: SpillSettings,
     /// The open regular (or prepared) transaction.
     current: Option<Building>,
     /// Streamed transactions not yet committed, by top-level xid.
-    streams: HashMap<Xid, Building>,
+    streams: HashMap<Xid, StreamBuffer>,
     /// The top-level xid of the open stream block.
     open_stream: Option<Xid>,
     /// Prepared transactions waiting for Commit/Rollback Prepared, by GID.
@@ -149,9 +323,17 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    /// An assembler with an empty relation cache.
+    /// An assembler with an empty relation cache and default spill settings.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that spills streamed transactions as `spill` says.
+    pub fn with_spill(spill: SpillSettings) -> Self {
+        Assembler {
+            spill,
+            ..Self::default()
+        }
     }
 
     /// The relation cache, as announced so far.
@@ -159,21 +341,40 @@ impl Assembler {
         &self.cache
     }
 
-    /// True when no transaction is partly received (so every commit the
-    /// server has sent has been emitted).
+    /// True when no transaction is partly received, so every commit the
+    /// server has sent has been emitted and confirming the server's WAL end
+    /// loses nothing.
     pub fn is_idle(&self) -> bool {
-        self.current.is_none() && self.open_stream.is_none()
+        self.current.is_none()
+            && self.open_stream.is_none()
+            && self.streams.is_empty()
+            && self.prepared.is_empty()
     }
 
-    /// Feeds one message; returns a transaction when one commits.
+    /// Feeds the payload of one XLogData frame; returns a transaction when one commits.
+    pub fn push_raw(&mut self, data: &Bytes) -> Result<Option<Transaction>, AssembleError> {
+        let msg = self.decoder.decode(data)?;
+        if let Some(top) = self.open_stream {
+            if streamed_xid(&msg).is_some() {
+                let buf = self
+                    .streams
+                    .get_mut(&top)
+                    .ok_or_else(|| out_of_order("a streamed change for an unknown transaction"))?;
+                buf.push(data.clone(), &self.spill)?;
+                return Ok(None);
+            }
+        }
+        self.push(msg)
+    }
+
+    /// Feeds one decoded message (outside stream blocks); returns a
+    /// transaction when one commits.
     pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<Transaction>, AssembleError> {
         match msg {
-            PgOutputMessage::Begin { xid, .. } => {
-                self.expect_no_open("Begin")?;
-                self.current = Some(Building::new(xid));
-            }
-            PgOutputMessage::BeginPrepare { xid, .. } => {
-                self.expect_no_open("Begin Prepare")?;
+            PgOutputMessage::Begin { xid, .. } | PgOutputMessage::BeginPrepare { xid, .. } => {
+                if self.current.is_some() {
+                    return Err(out_of_order("Begin while another transaction is open"));
+                }
                 self.current = Some(Building::new(xid));
             }
             PgOutputMessage::Commit {
@@ -188,83 +389,13 @@ impl Assembler {
                     .ok_or_else(|| out_of_order("Commit without Begin"))?;
                 return Ok(Some(b.finish(commit_lsn, end_lsn, commit_time)));
             }
-            PgOutputMessage::Origin { name, .. } => {
-                if let Some(b) = self.building_mut(None) {
-                    b.origin = Some(name);
-                }
-            }
-            PgOutputMessage::Relation { body, .. } => {
-                self.cache.update(&body);
-            }
-            PgOutputMessage::Type {
-                oid,
-                namespace,
-                name,
-                ..
-            } => self.cache.update_type(oid, &namespace, &name),
-            PgOutputMessage::Insert { xid, relation, new } => {
-                let rel = Arc::clone(self.cache.get(relation)?);
-                let new = decode_row(&rel, &new)?;
-                self.add(xid, change(rel, Op::Insert, Some(new), None, false))?;
-            }
-            PgOutputMessage::Update {
-                xid,
-                relation,
-                old,
-                new,
-            } => {
-                let rel = Arc::clone(self.cache.get(relation)?);
-                let new = decode_row(&rel, &new)?;
-                let (old, full) = match old {
-                    Some((kind, t)) => (Some(decode_row(&rel, &t)?), kind == OldKind::Tuple),
-                    None => (None, false),
-                };
-                self.add(xid, change(rel, Op::Update, Some(new), old, full))?;
-            }
-            PgOutputMessage::Delete { xid, relation, old } => {
-                let rel = Arc::clone(self.cache.get(relation)?);
-                let (kind, t) = old;
-                let old = decode_row(&rel, &t)?;
-                self.add(
-                    xid,
-                    change(rel, Op::Delete, None, Some(old), kind == OldKind::Tuple),
-                )?;
-            }
-            PgOutputMessage::Truncate { xid, relations, .. } => {
-                for oid in relations {
-                    let rel = Arc::clone(self.cache.get(oid)?);
-                    self.add(xid, change(rel, Op::Truncate, None, None, false))?;
-                }
-            }
-            PgOutputMessage::Message {
-                xid,
-                transactional,
-                prefix,
-                content,
-                ..
-            } => {
-                let m = LogicalMessage {
-                    prefix,
-                    content: String::from_utf8_lossy(&content).into_owned(),
-                };
-                if transactional {
-                    let b = self.building_mut(xid).ok_or_else(|| {
-                        out_of_order("transactional Message outside a transaction")
-                    })?;
-                    b.messages.push(m);
-                } else {
-                    tracing::debug!(prefix = %m.prefix, "non-transactional logical message");
-                }
-            }
-            PgOutputMessage::StreamStart { xid, first_segment } => {
+            PgOutputMessage::StreamStart { xid, .. } => {
                 if self.open_stream.is_some() {
                     return Err(out_of_order("Stream Start inside an open stream block"));
                 }
-                if first_segment || !self.streams.contains_key(&xid) {
-                    self.streams
-                        .entry(xid)
-                        .or_insert_with(|| Building::new(xid));
-                }
+                self.streams
+                    .entry(xid)
+                    .or_insert_with(|| StreamBuffer::new(xid));
                 self.open_stream = Some(xid);
             }
             PgOutputMessage::StreamStop => {
@@ -279,17 +410,14 @@ impl Assembler {
                 commit_time,
                 ..
             } => {
-                let b = self
-                    .streams
-                    .remove(&xid)
-                    .unwrap_or_else(|| Building::new(xid));
+                let b = self.replay_stream(xid)?;
                 return Ok(Some(b.finish(commit_lsn, end_lsn, commit_time)));
             }
             PgOutputMessage::StreamAbort { xid, subxid, .. } => {
                 if xid == subxid {
                     self.streams.remove(&xid);
                 } else if let Some(b) = self.streams.get_mut(&xid) {
-                    b.changes.retain(|(x, _)| *x != subxid);
+                    b.aborted.insert(subxid);
                 }
             }
             PgOutputMessage::Prepare(p) => {
@@ -300,10 +428,7 @@ impl Assembler {
                 self.prepared.insert(p.gid, b);
             }
             PgOutputMessage::StreamPrepare(p) => {
-                let b = self
-                    .streams
-                    .remove(&p.xid)
-                    .unwrap_or_else(|| Building::new(p.xid));
+                let b = self.replay_stream(p.xid)?;
                 self.prepared.insert(p.gid, b);
             }
             PgOutputMessage::CommitPrepared {
@@ -324,36 +449,126 @@ impl Assembler {
             PgOutputMessage::RollbackPrepared { gid, .. } => {
                 self.prepared.remove(&gid);
             }
+            other => apply_data(&mut self.cache, self.current.as_mut(), other)?,
         }
         Ok(None)
     }
 
-    fn expect_no_open(&self, what: &str) -> Result<(), AssembleError> {
-        if self.current.is_some() {
-            return Err(out_of_order(&format!(
-                "{what} while another transaction is open"
-            )));
+    /// Decodes a streamed transaction's kept messages into one transaction,
+    /// with a relation cache of its own; if it commits, its Relation
+    /// messages then update the shared cache too.
+    fn replay_stream(&mut self, xid: Xid) -> Result<Building, AssembleError> {
+        let mut building = Building::new(xid);
+        let Some(buf) = self.streams.remove(&xid) else {
+            return Ok(building);
+        };
+        let aborted = buf.aborted.clone();
+        let mut local = self.cache.clone();
+        let mut shared_updates: Vec<PgOutputMessage> = Vec::new();
+        buf.replay(|raw| {
+            let msg = decode_message(&raw, true)?;
+            if streamed_xid(&msg).is_some_and(|x| aborted.contains(&x)) {
+                return Ok(());
+            }
+            if matches!(
+                msg,
+                PgOutputMessage::Relation { .. } | PgOutputMessage::Type { .. }
+            ) {
+                shared_updates.push(msg.clone());
+            }
+            apply_data(&mut local, Some(&mut building), msg)
+        })?;
+        for m in shared_updates {
+            apply_data(&mut self.cache, None, m)?;
         }
-        Ok(())
+        Ok(building)
     }
+}
 
-    /// The transaction a change belongs to: the open stream block's when
-    /// the change carries an xid, else the regular open one.
-    fn building_mut(&mut self, xid: Option<Xid>) -> Option<&mut Building> {
-        match (xid, self.open_stream) {
-            (Some(_), Some(top)) => self.streams.get_mut(&top),
-            _ => self.current.as_mut(),
-        }
-    }
-
-    fn add(&mut self, xid: Option<Xid>, c: Change) -> Result<(), AssembleError> {
-        let b = self
-            .building_mut(xid)
+/// Applies a data message (Relation, Type, Origin, Insert, Update, Delete,
+/// Truncate, Message) to a relation cache and the transaction being built.
+fn apply_data(
+    cache: &mut RelationCache,
+    mut target: Option<&mut Building>,
+    msg: PgOutputMessage,
+) -> Result<(), AssembleError> {
+    let mut add = |c: Change| -> Result<(), AssembleError> {
+        let b = target
+            .as_deref_mut()
             .ok_or_else(|| out_of_order("a row change outside a transaction"))?;
-        let sub = xid.unwrap_or(b.xid);
-        b.changes.push((sub, c));
+        b.changes.push(c);
         Ok(())
+    };
+    match msg {
+        PgOutputMessage::Relation { body, .. } => {
+            cache.update(&body);
+        }
+        PgOutputMessage::Type {
+            oid,
+            namespace,
+            name,
+            ..
+        } => cache.update_type(oid, &namespace, &name),
+        PgOutputMessage::Insert { relation, new, .. } => {
+            let rel = Arc::clone(cache.get(relation)?);
+            let new = decode_row(&rel, &new)?;
+            add(change(rel, Op::Insert, Some(new), None, false))?;
+        }
+        PgOutputMessage::Update {
+            relation, old, new, ..
+        } => {
+            let rel = Arc::clone(cache.get(relation)?);
+            let new = decode_row(&rel, &new)?;
+            let (old, full) = match old {
+                Some((kind, t)) => (Some(decode_row(&rel, &t)?), kind == OldKind::Tuple),
+                None => (None, false),
+            };
+            add(change(rel, Op::Update, Some(new), old, full))?;
+        }
+        PgOutputMessage::Delete { relation, old, .. } => {
+            let rel = Arc::clone(cache.get(relation)?);
+            let (kind, t) = old;
+            let old = decode_row(&rel, &t)?;
+            add(change(
+                rel,
+                Op::Delete,
+                None,
+                Some(old),
+                kind == OldKind::Tuple,
+            ))?;
+        }
+        PgOutputMessage::Truncate { relations, .. } => {
+            for oid in relations {
+                let rel = Arc::clone(cache.get(oid)?);
+                add(change(rel, Op::Truncate, None, None, false))?;
+            }
+        }
+        PgOutputMessage::Origin { name, .. } => {
+            if let Some(b) = target {
+                b.origin = Some(name);
+            }
+        }
+        PgOutputMessage::Message {
+            transactional,
+            prefix,
+            content,
+            ..
+        } => {
+            let m = LogicalMessage {
+                prefix,
+                content: String::from_utf8_lossy(&content).into_owned(),
+            };
+            if transactional {
+                let b = target
+                    .ok_or_else(|| out_of_order("transactional Message outside a transaction"))?;
+                b.messages.push(m);
+            } else {
+                tracing::debug!(prefix = %m.prefix, "non-transactional logical message");
+            }
+        }
+        other => return Err(out_of_order(&format!("unexpected message {other:?}"))),
     }
+    Ok(())
 }
 
 fn change(

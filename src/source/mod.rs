@@ -109,6 +109,39 @@ pub struct StartOptions {
     pub proto_version: u32,
     /// Ask for logical decoding messages.
     pub messages: bool,
+    /// Ask for in-progress transactions to be streamed (protocol 2+).
+    pub streaming: bool,
+    /// Ask for two-phase transactions to be sent at PREPARE (protocol 3+).
+    pub two_phase: bool,
+}
+
+/// The highest pgoutput protocol version a server speaks, from its
+/// `server_version_num`.
+pub fn max_proto_version(server_version_num: u32) -> u32 {
+    match server_version_num {
+        160_000.. => 4,
+        150_000.. => 3,
+        140_000.. => 2,
+        _ => 1,
+    }
+}
+
+impl ReplicationStream {
+    /// The protocol version to use: `wanted`, or the server's highest;
+    /// an error when the server cannot speak `wanted`.
+    pub async fn negotiate_proto_version(
+        &mut self,
+        wanted: Option<u32>,
+    ) -> Result<u32, SourceError> {
+        let max = max_proto_version(self.server_version_num().await?);
+        match wanted {
+            Some(v) if v > max => Err(SourceError::Definite(format!(
+                "postgres.proto_version is {v}, but this server speaks pgoutput versions up to {max}; lower it or remove it"
+            ))),
+            Some(v) => Ok(v),
+            None => Ok(max),
+        }
+    }
 }
 
 /// One event from the stream.
@@ -240,6 +273,12 @@ impl ReplicationStream {
         ];
         if opts.messages {
             options.push("messages 'true'".into());
+        }
+        if opts.streaming && opts.proto_version >= 2 {
+            options.push("streaming 'on'".into());
+        }
+        if opts.two_phase && opts.proto_version >= 3 {
+            options.push("two_phase 'on'".into());
         }
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} ({})",
