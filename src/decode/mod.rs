@@ -9,7 +9,10 @@
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>.
 
+pub mod encode;
 pub mod message;
+#[cfg(test)]
+mod proptests;
 pub mod value;
 
 use std::collections::HashMap;
