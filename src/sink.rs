@@ -235,7 +235,9 @@ impl Sink {
             })
             .await?;
         }
-        let after = self.schema_names().await?;
+        let mut after = self.schema_names().await?;
+        after.sort();
+        after.dedup();
         Ok(after.into_iter().filter(|n| !before.contains(n)).collect())
     }
 
