@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     let cli = walgraph::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("WALGRAPH_LOG").unwrap_or_else(|_| EnvFilter::new("info,neo4rs=warn")),
+            EnvFilter::try_from_env("WALGRAPH_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,neo4rs=warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -7,5 +7,6 @@
 
 mod support;
 
+mod decoding;
 mod end_to_end;
 mod outages;

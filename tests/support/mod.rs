@@ -251,6 +251,42 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("cypher failed: {e}\n{q}"));
     }
 
+    /// Reads up to `n` transactions from the fixture's slot with `walgraph
+    /// peek` (confirming nothing), as JSON; gives up after 15 s of silence.
+    pub async fn peek(&self, n: usize) -> Vec<serde_json::Value> {
+        self.peek_with(n, walgraph::transactions::SpillSettings::default())
+            .await
+    }
+
+    /// As [`Fixture::peek`], with spill settings for streamed transactions.
+    pub async fn peek_with(
+        &self,
+        n: usize,
+        spill: walgraph::transactions::SpillSettings,
+    ) -> Vec<serde_json::Value> {
+        let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
+        let opts = walgraph::peek::PeekOptions {
+            slot: Some(self.config.postgres.slot.clone()),
+            publications: vec![self.config.postgres.publication.clone()],
+            proto_version: None,
+            streaming: true,
+            two_phase: false,
+            spill,
+            limit: Some(n),
+            idle_timeout: Some(Duration::from_secs(15)),
+            confirm: false,
+        };
+        let mut out: Vec<u8> = Vec::new();
+        walgraph::peek::peek(&info, &opts, &mut out, std::future::pending())
+            .await
+            .unwrap_or_else(|e| panic!("peek failed: {}", walgraph::error_sentence(&e)));
+        String::from_utf8(out)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
     /// Drops the slot, publication, schema and this fixture's graph data.
     pub async fn cleanup(self) {
         let slot = &self.config.postgres.slot;
