@@ -3,7 +3,9 @@
 //! Reads the slot (or a temporary slot of its own) and prints each committed
 //! transaction — relation, operation, new and old values with their types,
 //! positions — without writing anywhere. By default it confirms nothing, so
-//! the slot's position is left where it was.
+//! the slot's position is left where it was. Transactions with no change to
+//! a published table (Postgres sends streamed ones even when empty) are not
+//! shown.
 
 use std::time::Duration;
 
@@ -154,7 +156,9 @@ pub async fn peek(
                     let txn = assembler
                         .push_raw(&data)
                         .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
-                    if let Some(txn) = txn {
+                    // A streamed transaction that touched no published table
+                        // still arrives (empty); it says nothing, so skip it.
+                    if let Some(txn) = txn.filter(|t| !t.changes.is_empty() || !t.messages.is_empty()) {
                         writeln!(out, "{}", transaction_json(&txn))?;
                         out.flush()?;
                         printed += 1;

@@ -179,10 +179,13 @@ impl Fixture {
     /// Runs SQL.
     pub async fn sql(&self, sql: &str) {
         let sql = sql.replace("{s}", &self.schema);
-        self.pg
-            .batch_execute(&sql)
-            .await
-            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+        self.pg.batch_execute(&sql).await.unwrap_or_else(|e| {
+            panic!(
+                "SQL failed: {}\n{sql}",
+                e.as_db_error()
+                    .map_or(e.to_string(), |d| d.message().to_string())
+            )
+        });
     }
 
     /// The server's current WAL position.
@@ -290,6 +293,23 @@ impl Fixture {
     /// Drops the slot, publication, schema and this fixture's graph data.
     pub async fn cleanup(self) {
         let slot = &self.config.postgres.slot;
+        // A prepared transaction left behind would block every new slot.
+        if let Ok(rows) = self
+            .pg
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1",
+                &[&format!("{}%", self.id)],
+            )
+            .await
+        {
+            for r in rows {
+                let gid: String = r.get(0);
+                let _ = self
+                    .pg
+                    .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                    .await;
+            }
+        }
         let _ = self
             .pg
             .execute(
