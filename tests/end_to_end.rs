@@ -300,3 +300,40 @@ async fn restart_resumes_from_the_checkpoint_without_reapplying() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_publication_does_not_hold_wal_back() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
+        .await;
+    eventually(Duration::from_secs(30), "the node", || async {
+        (graph_users(&fx).await.len() == 1).then_some(())
+    })
+    .await;
+    // Writes to a table outside the publication: walgraph receives nothing
+    // to apply, yet must let Postgres recycle that WAL.
+    fx.sql(
+        "CREATE TABLE {s}.noise (x int); INSERT INTO {s}.noise SELECT generate_series(1, 20000)",
+    )
+    .await;
+    let after = fx.wal_lsn().await;
+    eventually(
+        Duration::from_secs(30),
+        "the slot to move past unrelated WAL",
+        || async {
+            let confirmed = fx.confirmed_flush().await;
+            let checkpoint = fx.checkpoint().await.unwrap_or_default();
+            assert!(
+                confirmed <= checkpoint,
+                "confirmed {confirmed} is past the checkpoint {checkpoint}"
+            );
+            (confirmed >= after).then_some(())
+        },
+    )
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}
