@@ -9,4 +9,5 @@ mod support;
 
 mod decoding;
 mod end_to_end;
+mod oracle;
 mod outages;
