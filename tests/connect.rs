@@ -1,0 +1,232 @@
+//! Connecting: every password method walgraph speaks, and bad input that
+//! must end in one clear sentence and a non-zero exit, changing nothing.
+
+use std::process::Command;
+
+use walgraph::source::{ConnInfo, ReplicationStream};
+
+use crate::support::{env, Fixture, SERVICES};
+
+/// The test URL with another role (and password, if given).
+fn url_as(role: &str, password: Option<&str>) -> String {
+    let mut info = ConnInfo::parse(&env().pg_url).expect("test url");
+    info.user = role.to_string();
+    let pw = match password {
+        Some(p) => format!(":{p}"),
+        None => String::new(),
+    };
+    format!(
+        "postgres://{role}{pw}@{}:{}/{}",
+        info.host, info.port, info.dbname
+    )
+}
+
+fn test_password() -> String {
+    let info = ConnInfo::parse(&env().pg_url).expect("test url");
+    info.password
+        .expect("the test url has a password")
+        .expose()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_md5_cleartext_and_trust_logins_all_replicate() {
+    let _shared = SERVICES.read().await;
+    let pw = test_password();
+    for (role, password) in [
+        ("walgraph", Some(pw.as_str())),
+        ("walgraph_md5", Some(pw.as_str())),
+        ("walgraph_plain", Some(pw.as_str())),
+        ("walgraph_trust", None),
+    ] {
+        let info = ConnInfo::parse(&url_as(role, password)).expect("url");
+        let mut stream = ReplicationStream::connect(&info)
+            .await
+            .unwrap_or_else(|e| panic!("{role} cannot connect: {e}"));
+        let system = stream
+            .identify_system()
+            .await
+            .unwrap_or_else(|e| panic!("{role}: IDENTIFY_SYSTEM failed: {e}"));
+        assert!(!system.system_id.is_empty(), "{role}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_reported_as_postgres_said_it() {
+    let _shared = SERVICES.read().await;
+    for role in ["walgraph", "walgraph_md5", "walgraph_plain"] {
+        let info = ConnInfo::parse(&url_as(role, Some("not-the-password"))).expect("url");
+        let err = ReplicationStream::connect(&info)
+            .await
+            .err()
+            .expect("a refused login");
+        let text = err.to_string();
+        assert!(
+            text.contains("password authentication failed"),
+            "{role}: {text}"
+        );
+        assert!(
+            !err.is_transient(),
+            "a wrong password must not be retried forever"
+        );
+    }
+}
+
+fn walgraph(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walgraph"));
+    cmd.args(args).env_remove("WALGRAPH_CONFIG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run walgraph");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    (out.status.success(), stderr)
+}
+
+/// The last line of stderr: the error sentence (log lines may come before).
+fn sentence(stderr: &str) -> &str {
+    stderr.lines().last().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.t (id int PRIMARY KEY, v text); CREATE TABLE {s}.nokey (v text);",
+        "[[node]]\ntable = \"{s}.t\"\nlabel = \"{p}T\"\n",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("walgraph-badinput-{}", fx.id));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            text.replace("{s}", &fx.schema).replace("{p}", &fx.prefix),
+        )
+        .expect("write");
+        p.to_string_lossy().into_owned()
+    };
+    let slot_section = format!(
+        "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n",
+        fx.config.postgres.slot, fx.config.postgres.publication
+    );
+    let good = write(
+        "good.toml",
+        &format!("{slot_section}[[node]]\ntable = \"{{s}}.t\"\nlabel = \"{{p}}T\"\n"),
+    );
+    let neo = [
+        ("WALGRAPH_NEO4J_URI", fx.env.neo4j_uri.as_str()),
+        ("WALGRAPH_NEO4J_USER", fx.env.neo4j_user.as_str()),
+        ("WALGRAPH_NEO4J_PASSWORD", fx.env.neo4j_password.as_str()),
+    ];
+    let with = |extra: &[(&'static str, &str)]| -> Vec<(&str, String)> {
+        let mut v: Vec<(&str, String)> = neo.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        v.push(("WALGRAPH_PG_URL", fx.env.pg_url.clone()));
+        for (k, val) in extra {
+            v.retain(|(key, _)| key != k);
+            v.push((k, val.to_string()));
+        }
+        v
+    };
+    let run = |args: &[&str], envs: Vec<(&str, String)>| {
+        let e: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        walgraph(args, &e)
+    };
+
+    let typo = write("typo.toml", "[postgres]\nslots = \"x\"\n");
+    let missing_column = write(
+        "col.toml",
+        &format!("{slot_section}[[node]]\ntable = \"{{s}}.t\"\nlabel = \"{{p}}T\"\nexclude = [\"nope\"]\n"),
+    );
+    let no_key = write(
+        "nokey.toml",
+        &format!("{slot_section}[[node]]\ntable = \"{{s}}.nokey\"\nlabel = \"{{p}}N\"\n"),
+    );
+    // (what, arguments, environment, what the sentence must say)
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "missing config file",
+            vec!["--config", "/nonexistent/walgraph.toml", "setup"],
+            with(&[]),
+            "cannot read the configuration file",
+        ),
+        (
+            "unknown key",
+            vec!["--config", &typo, "setup"],
+            with(&[]),
+            "unknown field `slots`",
+        ),
+        (
+            "malformed DSN",
+            vec!["--config", &good, "setup"],
+            with(&[("WALGRAPH_PG_URL", "postgres://[::1")]),
+            "connection string is invalid",
+        ),
+        (
+            "wrong Postgres password",
+            vec!["--config", &good, "setup"],
+            with(&[("WALGRAPH_PG_URL", &url_as("walgraph", Some("wrong")))]),
+            "password authentication failed",
+        ),
+        (
+            "Postgres not listening",
+            vec!["--config", &good, "setup"],
+            with(&[(
+                "WALGRAPH_PG_URL",
+                "postgres://walgraph:x@127.0.0.1:9/walgraph",
+            )]),
+            "cannot connect to Postgres",
+        ),
+        (
+            "mapping names a missing column",
+            vec!["--config", &missing_column, "setup"],
+            with(&[]),
+            "has no such column",
+        ),
+        (
+            "table without a key",
+            vec!["--config", &no_key, "setup"],
+            with(&[]),
+            "has no primary key",
+        ),
+        (
+            "wrong Neo4j password",
+            vec!["--config", &good, "setup"],
+            with(&[("WALGRAPH_NEO4J_PASSWORD", "wrong")]),
+            "Neo4j refused the login",
+        ),
+        (
+            "run before setup",
+            vec!["--config", &good, "run"],
+            with(&[]),
+            "run `walgraph setup` first",
+        ),
+    ];
+    for (what, args, envs, expect) in cases {
+        let (ok, stderr) = run(&args, envs);
+        assert!(!ok, "{what}: walgraph succeeded");
+        let s = sentence(&stderr);
+        assert!(
+            s.starts_with("walgraph: ") && s.contains(expect),
+            "{what}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    }
+    // Nothing was created along the way: no publication, no slot.
+    let pubs = fx
+        .pg
+        .query(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1 UNION ALL SELECT 1 FROM pg_replication_slots WHERE slot_name = $2",
+            &[&fx.config.postgres.publication, &fx.config.postgres.slot],
+        )
+        .await
+        .expect("query");
+    assert!(
+        pubs.is_empty(),
+        "a failed setup left a publication or slot behind"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    fx.cleanup().await;
+}
