@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
 use crate::mapping::{Catalog, TableInfo};
@@ -80,25 +80,29 @@ pub struct SlotInfo {
 impl PgClient {
     /// Connects.
     pub async fn connect(info: &ConnInfo) -> Result<PgClient, CatalogError> {
-        let (client, conn) =
-            info.to_tokio_config()
-                .connect(NoTls)
-                .await
-                .map_err(|e| CatalogError::Connect {
-                    target: info.to_string(),
-                    message: match e.as_db_error() {
-                        Some(d) => d.message().to_string(),
-                        None => {
-                            let mut m = e.to_string();
-                            let mut src = std::error::Error::source(&e);
-                            while let Some(s) = src {
-                                m = format!("{m}: {s}");
-                                src = s.source();
-                            }
-                            m
+        let tls = info.tls_config().map_err(|e| CatalogError::Connect {
+            target: info.to_string(),
+            message: e.0,
+        })?;
+        let (client, conn) = info
+            .to_tokio_config()
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+            .await
+            .map_err(|e| CatalogError::Connect {
+                target: info.to_string(),
+                message: match e.as_db_error() {
+                    Some(d) => d.message().to_string(),
+                    None => {
+                        let mut m = e.to_string();
+                        let mut src = std::error::Error::source(&e);
+                        while let Some(s) = src {
+                            m = format!("{m}: {s}");
+                            src = s.source();
                         }
-                    },
-                })?;
+                        m
+                    }
+                },
+            })?;
         let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "catalog connection ended");

@@ -230,3 +230,55 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
     let _ = std::fs::remove_dir_all(&dir);
     fx.cleanup().await;
 }
+
+/// Whether the connection the query runs on uses TLS, asked of the server.
+const SSL_IN_USE: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmodes_behave_as_in_libpq_on_both_connections() {
+    let _shared = SERVICES.read().await;
+    let ca = std::env::var("WALGRAPH_PG_SSLROOTCERT")
+        .expect("WALGRAPH_PG_SSLROOTCERT is not set: run `eval \"$(deploy/local/services env)\"`");
+    let base = env().pg_url;
+    for (query, want_tls) in [
+        ("sslmode=disable".to_string(), "f"),
+        ("sslmode=prefer".to_string(), "t"),
+        ("sslmode=require".to_string(), "t"),
+        (format!("sslmode=verify-ca&sslrootcert={ca}"), "t"),
+        (format!("sslmode=verify-full&sslrootcert={ca}"), "t"),
+    ] {
+        for url in [
+            format!("{base}?{query}"),
+            format!("{}?{query}", base.replace("127.0.0.1", "localhost")),
+        ] {
+            let info = ConnInfo::parse(&url).expect("url");
+            let mut stream = ReplicationStream::connect(&info)
+                .await
+                .unwrap_or_else(|e| panic!("{query}: replication connection failed: {e}"));
+            let rows = stream.command(SSL_IN_USE).await.expect("pg_stat_ssl");
+            assert_eq!(
+                rows[0][0].as_deref(),
+                Some(want_tls),
+                "{query} (replication)"
+            );
+            let pg = walgraph::catalog::PgClient::connect(&info)
+                .await
+                .unwrap_or_else(|e| panic!("{query}: catalog connection failed: {e}"));
+            let ssl: bool = pg
+                .client()
+                .query_one(SSL_IN_USE, &[])
+                .await
+                .expect("pg_stat_ssl")
+                .get(0);
+            assert_eq!(ssl, want_tls == "t", "{query} (catalog)");
+        }
+    }
+    // verify-full refuses a server whose certificate the roots do not vouch for.
+    let info = ConnInfo::parse(&format!("{base}?sslmode=verify-full")).expect("url");
+    let err = ReplicationStream::connect(&info)
+        .await
+        .err()
+        .expect("an untrusted certificate");
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
+    assert!(walgraph::catalog::PgClient::connect(&info).await.is_err());
+}

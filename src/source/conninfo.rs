@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::tls::SslMode;
 use crate::config::Secret;
 
 /// Where and as whom to connect.
@@ -23,6 +24,100 @@ pub struct ConnInfo {
     pub dbname: String,
     /// `application_name` shown in `pg_stat_activity`.
     pub application_name: String,
+    /// `sslmode` (or `PGSSLMODE`); `prefer` by default.
+    pub ssl_mode: SslMode,
+    /// `sslrootcert` (or `PGSSLROOTCERT`): the PEM file of trusted roots.
+    pub ssl_root_cert: Option<PathBuf>,
+}
+
+/// Removes `sslmode` and `sslrootcert` from a connection string (which
+/// `tokio-postgres` either rejects or ignores) and returns them apart.
+fn take_ssl_params(s: &str) -> (String, Option<String>, Option<String>) {
+    let mut mode = None;
+    let mut root = None;
+    let trimmed = s.trim();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let Some((base, query)) = trimmed.split_once('?') else {
+            return (trimmed.to_string(), None, None);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("sslmode", v)) => mode = Some(percent_decode(v)),
+                Some(("sslrootcert", v)) => root = Some(percent_decode(v)),
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return (rest, mode, root);
+    }
+    // key=value pairs; values may be single-quoted with backslash escapes.
+    let mut kept = Vec::new();
+    let mut chars = trimmed.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut token = String::new();
+        let mut value = String::new();
+        let mut in_value = false;
+        let mut quoted = false;
+        while let Some(&c) = chars.peek() {
+            if !quoted && c.is_whitespace() && in_value {
+                break;
+            }
+            chars.next();
+            token.push(c);
+            if !in_value {
+                if c == '=' {
+                    in_value = true;
+                }
+                continue;
+            }
+            match c {
+                '\\' if quoted => {
+                    if let Some(n) = chars.next() {
+                        token.push(n);
+                        value.push(n);
+                    }
+                }
+                '\'' => quoted = !quoted,
+                _ => value.push(c),
+            }
+        }
+        if token.is_empty() {
+            break;
+        }
+        let key = token.split('=').next().unwrap_or("").trim().to_string();
+        match key.as_str() {
+            "sslmode" => mode = Some(value),
+            "sslrootcert" => root = Some(value),
+            _ => kept.push(token),
+        }
+    }
+    (kept.join(" "), mode, root)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Why connection settings are unusable.
@@ -42,6 +137,21 @@ impl ConnInfo {
         s: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConnInfoError> {
+        let (s, mode, root) = take_ssl_params(s);
+        let s = s.as_str();
+        let mode_text = mode.or_else(|| env("PGSSLMODE"));
+        let ssl_mode = match mode_text.as_deref() {
+            None | Some("") => SslMode::default(),
+            Some(m) => SslMode::parse(m).ok_or_else(|| {
+                ConnInfoError(format!(
+                    "sslmode `{m}` is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ))
+            })?,
+        };
+        let ssl_root_cert = root
+            .or_else(|| env("PGSSLROOTCERT"))
+            .filter(|r| !r.is_empty())
+            .map(PathBuf::from);
         let cfg = if s.trim().is_empty() {
             tokio_postgres::Config::new()
         } else {
@@ -91,6 +201,8 @@ impl ConnInfo {
             password,
             dbname,
             application_name,
+            ssl_mode,
+            ssl_root_cert,
         })
     }
 
@@ -116,7 +228,19 @@ impl ConnInfo {
         if let Some(p) = &self.password {
             c.password(p.expose());
         }
+        c.ssl_mode(match self.ssl_mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
         c
+    }
+
+    /// The TLS configuration for this target's `sslmode`.
+    pub fn tls_config(&self) -> Result<rustls::ClientConfig, super::tls::TlsError> {
+        super::tls::client_config(self.ssl_mode, self.ssl_root_cert.as_ref())
     }
 }
 
@@ -174,6 +298,41 @@ mod tests {
         assert_eq!(c.socket_path(), PathBuf::from("/run/pg/.s.PGSQL.6000"));
         assert_eq!(c.dbname, "alice");
         assert!(!format!("{c}").contains("pw"));
+    }
+
+    #[test]
+    fn ssl_settings_come_out_of_both_forms() {
+        let none = |_: &str| None;
+        let a = ConnInfo::parse_with_env(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+            none,
+        )
+        .unwrap();
+        let b = ConnInfo::parse_with_env(
+            "host=h user=u dbname=db sslmode=verify-full sslrootcert='/etc/ca.pem'",
+            none,
+        )
+        .unwrap();
+        for c in [a, b] {
+            assert_eq!(c.ssl_mode, SslMode::VerifyFull);
+            assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+            assert_eq!(c.host, "h");
+        }
+        let d = ConnInfo::parse_with_env("host=h user=u", |k| {
+            (k == "PGSSLMODE").then(|| "require".into())
+        })
+        .unwrap();
+        assert_eq!(d.ssl_mode, SslMode::Require);
+        let e = ConnInfo::parse_with_env("host=h user=u password='a b\\'c'", none).unwrap();
+        assert_eq!(e.password.unwrap().expose(), "a b'c");
+        assert_eq!(
+            ConnInfo::parse_with_env("host=h user=u", none)
+                .unwrap()
+                .ssl_mode,
+            SslMode::Prefer
+        );
+        let err = ConnInfo::parse_with_env("host=h user=u sslmode=sometimes", none).unwrap_err();
+        assert!(err.to_string().contains("sslmode `sometimes`"));
     }
 
     #[test]

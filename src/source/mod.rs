@@ -16,6 +16,7 @@
 //! update `r`).
 
 pub mod conninfo;
+pub mod tls;
 pub mod wire;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -60,7 +60,7 @@ impl Wire {
                 })?
                 .map_err(|e| SourceError::connect(info, e))?;
             tcp.set_nodelay(true).map_err(SourceError::Io)?;
-            Box::new(tcp)
+            negotiate_tls(info, tcp).await?
         };
         let mut wire = Wire {
             io,
@@ -293,6 +293,51 @@ impl Wire {
             body: frame.freeze(),
         }))
     }
+}
+
+/// The SSLRequest code (1234 << 16 | 5679).
+const SSL_REQUEST: i32 = 80_877_103;
+
+/// Asks for TLS as `sslmode` says and, if the server agrees, completes the
+/// handshake. See <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>.
+async fn negotiate_tls(
+    info: &ConnInfo,
+    mut tcp: tokio::net::TcpStream,
+) -> Result<Box<dyn Io>, SourceError> {
+    use super::tls::SslMode;
+    if info.ssl_mode == SslMode::Disable {
+        return Ok(Box::new(tcp));
+    }
+    let mut req = BytesMut::with_capacity(8);
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req).await.map_err(SourceError::Io)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(SourceError::Io)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if !info.ssl_mode.requires_tls() => return Ok(Box::new(tcp)),
+        b'N' => {
+            return Err(SourceError::Definite(format!(
+                "Postgres at {info} does not offer TLS, but sslmode is {:?}; enable ssl on the server or lower sslmode",
+                info.ssl_mode
+            )))
+        }
+        other => {
+            return Err(SourceError::Protocol(format!(
+                "unexpected answer {other:#04x} to the TLS request"
+            )))
+        }
+    }
+    let config = info.tls_config().map_err(|e| SourceError::Definite(e.0))?;
+    let name = super::tls::server_name(&info.host).map_err(|e| SourceError::Definite(e.0))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tls = connector.connect(name, tcp).await.map_err(|e| {
+        SourceError::Definite(format!(
+            "the TLS handshake with Postgres at {info} failed: {e}; check sslmode and sslrootcert"
+        ))
+    })?;
+    Ok(Box::new(tls))
 }
 
 fn parse_data_row(body: &Bytes) -> Result<Vec<Option<String>>, SourceError> {
