@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::decode::{Field, Relation, Row};
 use crate::lsn::Lsn;
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
-use crate::transactions::{Assembler, Transaction};
+use crate::transactions::{AssembleError, Assembler, Change, LogicalMessage, TxnHeader, TxnPart};
 
 /// What to peek at.
 #[derive(Debug, Clone)]
@@ -55,38 +55,91 @@ pub fn row_json(rel: &Relation, row: &Row) -> Json {
     Json::Object(m)
 }
 
-/// A transaction as one JSON object.
-pub fn transaction_json(txn: &Transaction) -> Json {
-    let changes: Vec<Json> = txn
-        .changes
+/// One change as a JSON object.
+pub fn change_json(c: &Change) -> Json {
+    let key: Vec<&str> = c
+        .relation
+        .columns
         .iter()
-        .map(|c| {
-            let key: Vec<&str> = c
-                .relation
-                .columns
-                .iter()
-                .filter(|col| col.is_key)
-                .map(|col| col.name.as_str())
-                .collect();
-            json!({
-                "relation": c.relation.qualified_name(),
-                "op": c.op,
-                "key_columns": key,
-                "new": c.new.as_ref().map(|r| row_json(&c.relation, r)),
-                "old": c.old.as_ref().map(|r| row_json(&c.relation, r)),
-                "old_is_full_row": c.old_is_full_row,
-            })
-        })
+        .filter(|col| col.is_key)
+        .map(|col| col.name.as_str())
         .collect();
     json!({
-        "xid": txn.xid,
-        "commit_lsn": txn.commit_lsn,
-        "end_lsn": txn.end_lsn,
-        "commit_time": pg_time_text(txn.commit_time),
-        "origin": txn.origin,
-        "changes": changes,
-        "messages": txn.messages,
+        "relation": c.relation.qualified_name(),
+        "op": c.op,
+        "key_columns": key,
+        "new": c.new.as_ref().map(|r| row_json(&c.relation, r)),
+        "old": c.old.as_ref().map(|r| row_json(&c.relation, r)),
+        "old_is_full_row": c.old_is_full_row,
     })
+}
+
+/// Writes committed transactions as JSON lines, one change at a time, so a
+/// transaction of any size needs no more memory than one change:
+/// `{"xid":…,"commit_lsn":…,"end_lsn":…,"commit_time":…,"origin":…,"changes":[…],"messages":[…]}`.
+/// A transaction with no change and no message is not written.
+struct JsonLines<'w> {
+    out: &'w mut (dyn std::io::Write + Send),
+    header: Option<TxnHeader>,
+    started: bool,
+    changes: usize,
+    messages: Vec<LogicalMessage>,
+    written: usize,
+}
+
+impl JsonLines<'_> {
+    fn start(&mut self) -> std::io::Result<()> {
+        if !self.started {
+            self.started = true;
+            let h = self.header.as_ref();
+            let head = json!({
+                "xid": h.map(|h| h.xid),
+                "commit_lsn": h.map(|h| h.commit_lsn),
+                "end_lsn": h.map(|h| h.end_lsn),
+                "commit_time": h.map(|h| pg_time_text(h.commit_time)),
+                "origin": h.and_then(|h| h.origin.clone()),
+            })
+            .to_string();
+            // `{...}` without its closing brace, then the changes array.
+            write!(self.out, "{},\"changes\":[", &head[..head.len() - 1])?;
+        }
+        Ok(())
+    }
+
+    fn part(&mut self, part: TxnPart) -> std::io::Result<()> {
+        match part {
+            TxnPart::Begin(h) => {
+                self.header = Some(h);
+                self.started = false;
+                self.changes = 0;
+                self.messages.clear();
+            }
+            TxnPart::Change(c) => {
+                self.start()?;
+                if self.changes > 0 {
+                    self.out.write_all(b",")?;
+                }
+                serde_json::to_writer(&mut *self.out, &change_json(&c))?;
+                self.changes += 1;
+            }
+            TxnPart::Message(m) => {
+                self.start()?;
+                self.messages.push(m);
+            }
+            TxnPart::Commit(_) => {
+                if self.started {
+                    writeln!(
+                        self.out,
+                        "],\"messages\":{}}}",
+                        serde_json::to_string(&self.messages)?
+                    )?;
+                    self.out.flush()?;
+                    self.written += 1;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Microseconds since 2000-01-01 UTC as RFC 3339 text.
@@ -134,6 +187,14 @@ pub async fn peek(
         .await?;
     let mut assembler = Assembler::with_spill(opts.spill.clone());
     let mut printed = 0usize;
+    let mut lines = JsonLines {
+        out,
+        header: None,
+        started: false,
+        changes: 0,
+        messages: Vec::new(),
+        written: 0,
+    };
     let mut last_end = Lsn::ZERO;
     let mut status = tokio::time::interval(stream.status_interval());
     let mut last_txn = Instant::now();
@@ -153,16 +214,21 @@ pub async fn peek(
             _ = &mut stop => break,
             ev = stream.next_event() => match ev? {
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
-                    let txn = assembler
-                        .push_raw(&data)
+                    let before = lines.written;
+                    let mut end = None;
+                    assembler
+                        .push_raw_parts(&data, &mut |part| {
+                            if let TxnPart::Commit(h) = &part {
+                                end = Some(h.end_lsn);
+                            }
+                            lines.part(part).map_err(|e| AssembleError::Consumer(format!("cannot write the output: {e}")))
+                        })
                         .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
-                    // A streamed transaction that touched no published table
-                        // still arrives (empty); it says nothing, so skip it.
-                    if let Some(txn) = txn.filter(|t| !t.changes.is_empty() || !t.messages.is_empty()) {
-                        writeln!(out, "{}", transaction_json(&txn))?;
-                        out.flush()?;
-                        printed += 1;
-                        last_end = txn.end_lsn;
+                    if let Some(end) = end {
+                        last_end = end;
+                    }
+                    if lines.written > before {
+                        printed = lines.written;
                         last_txn = Instant::now();
                     }
                 }

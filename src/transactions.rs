@@ -101,6 +101,75 @@ pub struct LogicalMessage {
     pub content: String,
 }
 
+/// A committed transaction's identity and positions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TxnHeader {
+    /// Transaction id.
+    pub xid: Xid,
+    /// LSN of the commit record.
+    pub commit_lsn: Lsn,
+    /// LSN just past the commit record.
+    pub end_lsn: Lsn,
+    /// Commit time, microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+    /// Origin name, for a transaction replicated from elsewhere.
+    pub origin: Option<String>,
+}
+
+/// A committed transaction, piece by piece: `Begin`, its changes and
+/// messages in order, `Commit`. A streamed transaction is handed over this
+/// way straight from its spill file, so no more than one change of it is in
+/// memory at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TxnPart {
+    /// The transaction starts.
+    Begin(TxnHeader),
+    /// One row change.
+    Change(Change),
+    /// A transactional logical message.
+    Message(LogicalMessage),
+    /// The transaction ends.
+    Commit(TxnHeader),
+}
+
+/// Where the parts of a transaction go while it is decoded.
+trait Parts {
+    fn change(&mut self, c: Change) -> Result<(), AssembleError>;
+    fn message(&mut self, m: LogicalMessage) -> Result<(), AssembleError>;
+    fn origin(&mut self, name: String);
+}
+
+impl Parts for Building {
+    fn change(&mut self, c: Change) -> Result<(), AssembleError> {
+        self.changes.push(c);
+        Ok(())
+    }
+
+    fn message(&mut self, m: LogicalMessage) -> Result<(), AssembleError> {
+        self.messages.push(m);
+        Ok(())
+    }
+
+    fn origin(&mut self, name: String) {
+        self.origin = Some(name);
+    }
+}
+
+/// Hands parts straight to a callback.
+struct Forward<'f>(&'f mut dyn FnMut(TxnPart) -> Result<(), AssembleError>);
+
+impl Parts for Forward<'_> {
+    fn change(&mut self, c: Change) -> Result<(), AssembleError> {
+        (self.0)(TxnPart::Change(c))
+    }
+
+    fn message(&mut self, m: LogicalMessage) -> Result<(), AssembleError> {
+        (self.0)(TxnPart::Message(m))
+    }
+
+    fn origin(&mut self, _name: String) {}
+}
+
 /// Why the stream could not be assembled into transactions.
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
@@ -110,6 +179,9 @@ pub enum AssembleError {
     /// A change could not be resolved against the relation cache.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    /// Whoever took the transaction's parts failed.
+    #[error("{0}")]
+    Consumer(String),
     /// Messages arrived out of the protocol's order.
     #[error("the replication stream is out of order: {0}")]
     OutOfOrder(String),
@@ -142,16 +214,29 @@ impl Building {
         }
     }
 
-    fn finish(self, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64) -> Transaction {
-        Transaction {
+    /// Hands the transaction over in parts.
+    fn emit(
+        self,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: i64,
+        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
+    ) -> Result<(), AssembleError> {
+        let header = TxnHeader {
             xid: self.xid,
             commit_lsn,
             end_lsn,
             commit_time,
             origin: self.origin,
-            changes: self.changes,
-            messages: self.messages,
+        };
+        on(TxnPart::Begin(header.clone()))?;
+        for c in self.changes {
+            on(TxnPart::Change(c))?;
         }
+        for m in self.messages {
+            on(TxnPart::Message(m))?;
+        }
+        on(TxnPart::Commit(header))
     }
 }
 
@@ -351,8 +436,47 @@ impl Assembler {
             && self.prepared.is_empty()
     }
 
-    /// Feeds the payload of one XLogData frame; returns a transaction when one commits.
+    /// Feeds the payload of one XLogData frame; returns a transaction when
+    /// one commits (whole, in memory: see [`Assembler::push_raw_parts`]).
     pub fn push_raw(&mut self, data: &Bytes) -> Result<Option<Transaction>, AssembleError> {
+        let mut out: Option<Transaction> = None;
+        self.push_raw_parts(data, &mut |part| {
+            match part {
+                TxnPart::Begin(h) => {
+                    out = Some(Transaction {
+                        xid: h.xid,
+                        commit_lsn: h.commit_lsn,
+                        end_lsn: h.end_lsn,
+                        commit_time: h.commit_time,
+                        origin: h.origin,
+                        changes: Vec::new(),
+                        messages: Vec::new(),
+                    })
+                }
+                TxnPart::Change(c) => {
+                    if let Some(t) = out.as_mut() {
+                        t.changes.push(c);
+                    }
+                }
+                TxnPart::Message(m) => {
+                    if let Some(t) = out.as_mut() {
+                        t.messages.push(m);
+                    }
+                }
+                TxnPart::Commit(_) => {}
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Feeds the payload of one XLogData frame; a committed transaction
+    /// goes to `on` in parts, a streamed one straight from its spill file.
+    pub fn push_raw_parts(
+        &mut self,
+        data: &Bytes,
+        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
+    ) -> Result<(), AssembleError> {
         let msg = self.decoder.decode(data)?;
         if let Some(top) = self.open_stream {
             if streamed_xid(&msg).is_some() {
@@ -360,16 +484,20 @@ impl Assembler {
                     .streams
                     .get_mut(&top)
                     .ok_or_else(|| out_of_order("a streamed change for an unknown transaction"))?;
-                buf.push(data.clone(), &self.spill)?;
-                return Ok(None);
+                // A copy: a slice would keep the whole network read buffer
+                // it came from alive, and the memory limit would not hold.
+                return buf.push(Bytes::copy_from_slice(data), &self.spill);
             }
         }
-        self.push(msg)
+        self.push_parts(msg, on)
     }
 
-    /// Feeds one decoded message (outside stream blocks); returns a
-    /// transaction when one commits.
-    pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<Transaction>, AssembleError> {
+    /// Feeds one decoded message (outside stream blocks).
+    fn push_parts(
+        &mut self,
+        msg: PgOutputMessage,
+        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
+    ) -> Result<(), AssembleError> {
         match msg {
             PgOutputMessage::Begin { xid, .. } | PgOutputMessage::BeginPrepare { xid, .. } => {
                 if self.current.is_some() {
@@ -387,7 +515,7 @@ impl Assembler {
                     .current
                     .take()
                     .ok_or_else(|| out_of_order("Commit without Begin"))?;
-                return Ok(Some(b.finish(commit_lsn, end_lsn, commit_time)));
+                return b.emit(commit_lsn, end_lsn, commit_time, on);
             }
             PgOutputMessage::StreamStart { xid, .. } => {
                 if self.open_stream.is_some() {
@@ -410,8 +538,16 @@ impl Assembler {
                 commit_time,
                 ..
             } => {
-                let b = self.replay_stream(xid)?;
-                return Ok(Some(b.finish(commit_lsn, end_lsn, commit_time)));
+                let header = TxnHeader {
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time,
+                    origin: None,
+                };
+                on(TxnPart::Begin(header.clone()))?;
+                self.replay_stream(xid, &mut Forward(on))?;
+                return on(TxnPart::Commit(header));
             }
             PgOutputMessage::StreamAbort { xid, subxid, .. } => {
                 if xid == subxid {
@@ -428,7 +564,8 @@ impl Assembler {
                 self.prepared.insert(p.gid, b);
             }
             PgOutputMessage::StreamPrepare(p) => {
-                let b = self.replay_stream(p.xid)?;
+                let mut b = Building::new(p.xid);
+                self.replay_stream(p.xid, &mut b)?;
                 self.prepared.insert(p.gid, b);
             }
             PgOutputMessage::CommitPrepared {
@@ -444,23 +581,26 @@ impl Assembler {
                         "Commit Prepared for transaction {gid} (xid {xid}) whose Prepare was never received"
                     ))
                 })?;
-                return Ok(Some(b.finish(commit_lsn, end_lsn, commit_time)));
+                return b.emit(commit_lsn, end_lsn, commit_time, on);
             }
             PgOutputMessage::RollbackPrepared { gid, .. } => {
                 self.prepared.remove(&gid);
             }
-            other => apply_data(&mut self.cache, self.current.as_mut(), other)?,
+            other => apply_data(
+                &mut self.cache,
+                self.current.as_mut().map(|b| b as &mut dyn Parts),
+                other,
+            )?,
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Decodes a streamed transaction's kept messages into one transaction,
     /// with a relation cache of its own; if it commits, its Relation
     /// messages then update the shared cache too.
-    fn replay_stream(&mut self, xid: Xid) -> Result<Building, AssembleError> {
-        let mut building = Building::new(xid);
+    fn replay_stream(&mut self, xid: Xid, target: &mut dyn Parts) -> Result<(), AssembleError> {
         let Some(buf) = self.streams.remove(&xid) else {
-            return Ok(building);
+            return Ok(());
         };
         let aborted = buf.aborted.clone();
         let mut local = self.cache.clone();
@@ -476,12 +616,12 @@ impl Assembler {
             ) {
                 shared_updates.push(msg.clone());
             }
-            apply_data(&mut local, Some(&mut building), msg)
+            apply_data(&mut local, Some(&mut *target), msg)
         })?;
         for m in shared_updates {
             apply_data(&mut self.cache, None, m)?;
         }
-        Ok(building)
+        Ok(())
     }
 }
 
@@ -489,15 +629,14 @@ impl Assembler {
 /// Truncate, Message) to a relation cache and the transaction being built.
 fn apply_data(
     cache: &mut RelationCache,
-    mut target: Option<&mut Building>,
+    mut target: Option<&mut dyn Parts>,
     msg: PgOutputMessage,
 ) -> Result<(), AssembleError> {
     let mut add = |c: Change| -> Result<(), AssembleError> {
         let b = target
             .as_deref_mut()
             .ok_or_else(|| out_of_order("a row change outside a transaction"))?;
-        b.changes.push(c);
-        Ok(())
+        b.change(c)
     };
     match msg {
         PgOutputMessage::Relation { body, .. } => {
@@ -545,7 +684,7 @@ fn apply_data(
         }
         PgOutputMessage::Origin { name, .. } => {
             if let Some(b) = target {
-                b.origin = Some(name);
+                b.origin(name);
             }
         }
         PgOutputMessage::Message {
@@ -561,7 +700,7 @@ fn apply_data(
             if transactional {
                 let b = target
                     .ok_or_else(|| out_of_order("transactional Message outside a transaction"))?;
-                b.messages.push(m);
+                b.message(m)?;
             } else {
                 tracing::debug!(prefix = %m.prefix, "non-transactional logical message");
             }

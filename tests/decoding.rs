@@ -390,3 +390,113 @@ async fn transactional_logical_messages_travel_with_their_transaction() {
     );
     fx.cleanup().await;
 }
+
+/// The peak resident memory of a process, in KiB, from /proc.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_transaction_streams_through_peek_in_bounded_memory() {
+    use tokio::io::AsyncReadExt;
+
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.huge (id int PRIMARY KEY, pad text);",
+        &node_mapping(&["huge"]),
+    )
+    .await;
+    fx.setup().await;
+    const ROWS: usize = 1_000_000;
+    fx.sql(&format!(
+        "INSERT INTO {{s}}.huge SELECT g, 'row ' || g FROM generate_series(1, {ROWS}) g"
+    ))
+    .await;
+
+    let dir = std::env::temp_dir().join(format!("walgraph-huge-{}", fx.id));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("peek.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nslot = \"{}\"\npublication = \"{}\"\nstream_memory_mib = 16\nspill_dir = \"{}\"\n",
+            fx.config.postgres.slot,
+            fx.config.postgres.publication,
+            dir.display()
+        ),
+    )
+    .expect("config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args([
+            "--config",
+            &config.to_string_lossy(),
+            "peek",
+            "--limit",
+            "1",
+            "--idle-timeout",
+            "120s",
+        ])
+        .env("WALGRAPH_PG_URL", &fx.env.pg_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start walgraph peek");
+    let pid = child.id().expect("pid");
+    let mut stdout = child.stdout.take().expect("stdout");
+
+    // Count the changes as the line streams by, and watch walgraph's memory.
+    let needle = b"\"op\":\"insert\"";
+    let mut inserts = 0usize;
+    let mut lines = 0usize;
+    let mut peak_kib = 0u64;
+    let mut carry: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        if let Some(p) = peak_rss_kib(pid) {
+            peak_kib = peak_kib.max(p);
+        }
+        let n = tokio::time::timeout_at(deadline, stdout.read(&mut buf))
+            .await
+            .expect("peek took over 10 minutes")
+            .expect("read peek output");
+        if n == 0 {
+            break;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        inserts += carry.windows(needle.len()).filter(|w| *w == needle).count();
+        lines += carry.iter().filter(|b| **b == b'\n').count();
+        let keep = carry.len().min(needle.len() - 1);
+        carry.drain(..carry.len() - keep);
+    }
+    let out = child.wait_with_output().await.expect("peek exit");
+    assert!(
+        out.status.success(),
+        "peek failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines, 1, "one transaction, one line");
+    assert_eq!(inserts, ROWS, "every row of the transaction");
+    // 16 MiB of the transaction in memory, the rest spilled; the process as a
+    // whole stays far below the size of the transaction (1M rows).
+    assert!(peak_kib > 0, "could not read walgraph's memory");
+    eprintln!(
+        "walgraph peek: {ROWS} rows, peak RSS {} MiB",
+        peak_kib / 1024
+    );
+    assert!(
+        peak_kib < 96 * 1024,
+        "walgraph peaked at {} MiB",
+        peak_kib / 1024
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).expect("dir").count(),
+        1,
+        "only the config is left: the spill file was removed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    fx.cleanup().await;
+}
