@@ -876,3 +876,113 @@ mod tests {
         assert!(a.relations().get(7).is_err());
     }
 }
+
+#[cfg(test)]
+mod two_phase_tests {
+    use super::*;
+    use crate::decode::encode::encode_message;
+    use crate::decode::message::{PrepareBody, RelationBody, RelationColumn, TupleValue};
+
+    fn feed(a: &mut Assembler, msgs: Vec<PgOutputMessage>) -> Vec<Transaction> {
+        msgs.into_iter()
+            .filter_map(|m| a.push_raw(&encode_message(&m, false)).unwrap())
+            .collect()
+    }
+
+    fn prepared(gid: &str, xid: u32, id: &str) -> Vec<PgOutputMessage> {
+        let body = PrepareBody {
+            flags: 0,
+            prepare_lsn: Lsn::new(10),
+            end_lsn: Lsn::new(20),
+            prepare_time: 0,
+            xid,
+            gid: gid.into(),
+        };
+        vec![
+            PgOutputMessage::BeginPrepare {
+                prepare_lsn: Lsn::new(10),
+                end_lsn: Lsn::new(20),
+                prepare_time: 0,
+                xid,
+                gid: gid.into(),
+            },
+            PgOutputMessage::Relation {
+                xid: None,
+                body: RelationBody {
+                    oid: 1,
+                    namespace: "s".into(),
+                    name: "t".into(),
+                    replica_identity: b'd',
+                    columns: vec![RelationColumn {
+                        is_key: true,
+                        name: "id".into(),
+                        type_oid: 23,
+                        type_modifier: -1,
+                    }],
+                },
+            },
+            PgOutputMessage::Insert {
+                xid: None,
+                relation: 1,
+                new: vec![TupleValue::Text(Bytes::from(id.to_string()))],
+            },
+            PgOutputMessage::Prepare(body),
+        ]
+    }
+
+    #[test]
+    fn a_prepared_transaction_waits_for_its_commit_and_a_rolled_back_one_vanishes() {
+        let mut a = Assembler::new();
+        assert!(
+            feed(&mut a, prepared("g1", 7, "1")).is_empty(),
+            "nothing before COMMIT PREPARED"
+        );
+        assert!(feed(&mut a, prepared("g2", 8, "2")).is_empty());
+        assert!(!a.is_idle(), "a prepared transaction is pending");
+        let done = feed(
+            &mut a,
+            vec![
+                PgOutputMessage::RollbackPrepared {
+                    flags: 0,
+                    prepare_end_lsn: Lsn::new(20),
+                    rollback_end_lsn: Lsn::new(40),
+                    prepare_time: 0,
+                    rollback_time: 0,
+                    xid: 8,
+                    gid: "g2".into(),
+                },
+                PgOutputMessage::CommitPrepared {
+                    flags: 0,
+                    commit_lsn: Lsn::new(50),
+                    end_lsn: Lsn::new(60),
+                    commit_time: 0,
+                    xid: 7,
+                    gid: "g1".into(),
+                },
+            ],
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].xid, done[0].end_lsn, done[0].changes.len()),
+            (7, Lsn::new(60), 1)
+        );
+        assert!(a.is_idle());
+        let err = a
+            .push_raw(&encode_message(
+                &PgOutputMessage::CommitPrepared {
+                    flags: 0,
+                    commit_lsn: Lsn::new(70),
+                    end_lsn: Lsn::new(80),
+                    commit_time: 0,
+                    xid: 9,
+                    gid: "unknown".into(),
+                },
+                false,
+            ))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("whose Prepare was never received"),
+            "{err}"
+        );
+    }
+}

@@ -500,3 +500,89 @@ async fn a_million_row_transaction_streams_through_peek_in_bounded_memory() {
     let _ = std::fs::remove_dir_all(&dir);
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commit() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.p (id int PRIMARY KEY);",
+        &node_mapping(&["p"]),
+    )
+    .await;
+    fx.setup().await;
+    let g1 = format!("{}_g1", fx.id);
+    let g2 = format!("{}_g2", fx.id);
+    for stmt in [
+        format!("BEGIN; INSERT INTO {{s}}.p VALUES (1); PREPARE TRANSACTION '{g1}'"),
+        format!("BEGIN; INSERT INTO {{s}}.p VALUES (2); PREPARE TRANSACTION '{g2}'"),
+        format!("COMMIT PREPARED '{g1}'"),
+        format!("ROLLBACK PREPARED '{g2}'"),
+        "INSERT INTO {s}.p VALUES (3)".to_string(),
+    ] {
+        fx.sql(&stmt).await;
+    }
+    // Begin Prepare, Prepare, Commit Prepared and Rollback Prepared travel
+    // now; the transactions that come out are the same.
+    let txns = fx.peek_two_phase(2).await;
+    let ids: Vec<i64> = txns
+        .iter()
+        .map(|t| t["changes"][0]["new"]["id"]["value"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(ids, vec![1, 3]);
+    let row = fx
+        .pg
+        .query_one(
+            "SELECT two_phase FROM pg_replication_slots WHERE slot_name = $1",
+            &[&fx.config.postgres.slot],
+        )
+        .await
+        .expect("slot");
+    assert!(
+        row.get::<_, bool>(0),
+        "the slot did not switch to two-phase decoding"
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_replica_identity_and_a_replication_origin_are_seen_mid_stream() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.r (id int PRIMARY KEY, v text);",
+        &node_mapping(&["r"]),
+    )
+    .await;
+    fx.setup().await;
+    let origin = format!("wgt_origin_{}", fx.id);
+    for stmt in [
+        "INSERT INTO {s}.r VALUES (1, 'a'), (2, 'b')".to_string(),
+        "DELETE FROM {s}.r WHERE id = 1".to_string(),
+        "ALTER TABLE {s}.r REPLICA IDENTITY FULL".to_string(),
+        "DELETE FROM {s}.r WHERE id = 2".to_string(),
+        format!("SELECT pg_replication_origin_create('{origin}')"),
+        format!(
+            "SELECT pg_replication_origin_session_setup('{origin}'); \
+             BEGIN; SELECT pg_replication_origin_xact_setup('0/10', now()); INSERT INTO {{s}}.r VALUES (3, 'c'); COMMIT; \
+             SELECT pg_replication_origin_session_reset()"
+        ),
+    ] {
+        fx.sql(&stmt).await;
+    }
+    let txns = fx.peek(4).await;
+    let del1 = &txns[1]["changes"][0];
+    let del2 = &txns[2]["changes"][0];
+    assert_eq!(
+        (del1["op"].as_str(), del1["old_is_full_row"].as_bool()),
+        (Some("delete"), Some(false))
+    );
+    assert_eq!(del1["old"]["v"], json!({"type": "null"}));
+    assert_eq!(
+        (del2["op"].as_str(), del2["old_is_full_row"].as_bool()),
+        (Some("delete"), Some(true))
+    );
+    assert_eq!(del2["old"]["v"], json!({"type": "text", "value": "b"}));
+    assert_eq!(txns[3]["origin"], json!(origin));
+    fx.sql(&format!("SELECT pg_replication_origin_drop('{origin}')"))
+        .await;
+    fx.cleanup().await;
+}

@@ -267,13 +267,28 @@ impl Fixture {
         n: usize,
         spill: walgraph::transactions::SpillSettings,
     ) -> Vec<serde_json::Value> {
+        self.peek_inner(n, spill, false).await
+    }
+
+    /// As [`Fixture::peek`], asking for two-phase transactions at PREPARE.
+    pub async fn peek_two_phase(&self, n: usize) -> Vec<serde_json::Value> {
+        self.peek_inner(n, walgraph::transactions::SpillSettings::default(), true)
+            .await
+    }
+
+    async fn peek_inner(
+        &self,
+        n: usize,
+        spill: walgraph::transactions::SpillSettings,
+        two_phase: bool,
+    ) -> Vec<serde_json::Value> {
         let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
         let opts = walgraph::peek::PeekOptions {
             slot: Some(self.config.postgres.slot.clone()),
             publications: vec![self.config.postgres.publication.clone()],
             proto_version: None,
             streaming: true,
-            two_phase: false,
+            two_phase,
             spill,
             limit: Some(n),
             idle_timeout: Some(Duration::from_secs(15)),
