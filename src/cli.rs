@@ -6,8 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::catalog::PgClient;
 use crate::config::Config;
-use crate::mapping;
-use crate::pipeline::{self, RunError};
+use crate::pipeline;
 use crate::sink::Sink;
 use crate::source::ConnInfo;
 
@@ -132,16 +131,8 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let info = conninfo(cfg)?;
     let pg = PgClient::connect(&info).await?;
     pg.check_wal_level().await?;
-    let tables: Vec<String> = cfg
-        .nodes
-        .iter()
-        .map(|n| n.table.clone())
-        .chain(cfg.relationships.iter().map(|r| r.table.clone()))
-        .collect();
-    let catalog = pg.catalog(&tables).await?;
     // Check everything before changing anything.
-    let mapping =
-        mapping::compile(&cfg.nodes, &cfg.relationships, &catalog).map_err(RunError::from)?;
+    let mapping = pipeline::compile_mapping(&pg, cfg).await?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let mut lines = vec![
         pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())

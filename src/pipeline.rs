@@ -104,13 +104,8 @@ pub struct Prepared {
     pub sink: Sink,
 }
 
-/// Checks the world before streaming: `wal_level`, the mapping against the
-/// catalog, publication, slot, Neo4j and its constraints.
-pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
-    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
-        .map_err(|e| RunError::NotReady(e.to_string()))?;
-    let pg = PgClient::connect(&info).await?;
-    pg.check_wal_level().await?;
+/// Reads the catalog of the mapped tables and compiles the mapping against it.
+pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, RunError> {
     let tables: Vec<String> = cfg
         .nodes
         .iter()
@@ -118,7 +113,17 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
         .chain(cfg.relationships.iter().map(|r| r.table.clone()))
         .collect();
     let catalog = pg.catalog(&tables).await?;
-    let mapping = Arc::new(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?);
+    Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
+}
+
+/// Checks the world before streaming: `wal_level`, the mapping against the
+/// catalog, publication, slot, Neo4j and its constraints.
+pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
+    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
+        .map_err(|e| RunError::NotReady(e.to_string()))?;
+    let pg = PgClient::connect(&info).await?;
+    pg.check_wal_level().await?;
+    let mapping = Arc::new(compile_mapping(&pg, cfg).await?);
     let publication = &cfg.postgres.publication;
     match pg.publication_tables(publication).await? {
         None => {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::catalog::PgClient;
 use crate::config::Config;
 use crate::lsn::Lsn;
-use crate::mapping::{self, quote};
+use crate::mapping::quote;
 use crate::sink::Sink;
 use crate::source::ConnInfo;
 
@@ -75,14 +75,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     let server_wal_lsn: Lsn = row.get::<_, String>(0).parse()?;
     let wal_status: Option<String> = row.get(1);
     let safe_wal_size: Option<i64> = row.get(2);
-    let tables: Vec<String> = cfg
-        .nodes
-        .iter()
-        .map(|n| n.table.clone())
-        .chain(cfg.relationships.iter().map(|r| r.table.clone()))
-        .collect();
-    let catalog = pg.catalog(&tables).await?;
-    let mapping = mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?;
+    let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let graph = sink.graph();
     let mut checkpoint = None;

@@ -734,7 +734,7 @@ fn out_of_order(what: &str) -> AssembleError {
 mod tests {
     use super::*;
     use crate::decode::encode::encode_message;
-    use crate::decode::message::{RelationBody, RelationColumn, TupleValue};
+    use crate::decode::message::{PrepareBody, RelationBody, RelationColumn, TupleValue};
     use crate::decode::Value;
 
     fn relation(xid: Option<Xid>) -> PgOutputMessage {
@@ -875,13 +875,6 @@ mod tests {
         assert!(a.is_idle());
         assert!(a.relations().get(7).is_err());
     }
-}
-
-#[cfg(test)]
-mod two_phase_tests {
-    use super::*;
-    use crate::decode::encode::encode_message;
-    use crate::decode::message::{PrepareBody, RelationBody, RelationColumn, TupleValue};
 
     fn feed(a: &mut Assembler, msgs: Vec<PgOutputMessage>) -> Vec<Transaction> {
         msgs.into_iter()
@@ -889,7 +882,7 @@ mod two_phase_tests {
             .collect()
     }
 
-    fn prepared(gid: &str, xid: u32, id: &str) -> Vec<PgOutputMessage> {
+    fn prepared(gid: &str, xid: u32, id: i64) -> Vec<PgOutputMessage> {
         let body = PrepareBody {
             flags: 0,
             prepare_lsn: Lsn::new(10),
@@ -906,26 +899,8 @@ mod two_phase_tests {
                 xid,
                 gid: gid.into(),
             },
-            PgOutputMessage::Relation {
-                xid: None,
-                body: RelationBody {
-                    oid: 1,
-                    namespace: "s".into(),
-                    name: "t".into(),
-                    replica_identity: b'd',
-                    columns: vec![RelationColumn {
-                        is_key: true,
-                        name: "id".into(),
-                        type_oid: 23,
-                        type_modifier: -1,
-                    }],
-                },
-            },
-            PgOutputMessage::Insert {
-                xid: None,
-                relation: 1,
-                new: vec![TupleValue::Text(Bytes::from(id.to_string()))],
-            },
+            relation(None),
+            insert(None, id),
             PgOutputMessage::Prepare(body),
         ]
     }
@@ -934,10 +909,10 @@ mod two_phase_tests {
     fn a_prepared_transaction_waits_for_its_commit_and_a_rolled_back_one_vanishes() {
         let mut a = Assembler::new();
         assert!(
-            feed(&mut a, prepared("g1", 7, "1")).is_empty(),
+            feed(&mut a, prepared("g1", 7, 1)).is_empty(),
             "nothing before COMMIT PREPARED"
         );
-        assert!(feed(&mut a, prepared("g2", 8, "2")).is_empty());
+        assert!(feed(&mut a, prepared("g2", 8, 2)).is_empty());
         assert!(!a.is_idle(), "a prepared transaction is pending");
         let done = feed(
             &mut a,

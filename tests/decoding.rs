@@ -333,15 +333,9 @@ async fn a_streamed_transaction_is_assembled_spilled_and_applied_at_commit() {
     fx.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prepared_transaction_arrives_at_commit_and_a_rolled_back_one_never() {
-    let _shared = SERVICES.read().await;
-    let fx = Fixture::new(
-        "CREATE TABLE {s}.p (id int PRIMARY KEY);",
-        &node_mapping(&["p"]),
-    )
-    .await;
-    fx.setup().await;
+/// Prepares two transactions (rows 1 and 2), commits a row 3, commits the
+/// first prepared one, rolls the second back, and commits a row 4.
+async fn prepare_commit_and_roll_back(fx: &Fixture) {
     let g1 = format!("{}_g1", fx.id);
     let g2 = format!("{}_g2", fx.id);
     // COMMIT/ROLLBACK PREPARED cannot run inside a multi-statement string.
@@ -355,6 +349,18 @@ async fn a_prepared_transaction_arrives_at_commit_and_a_rolled_back_one_never() 
     ] {
         fx.sql(&stmt).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_transaction_arrives_at_commit_and_a_rolled_back_one_never() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.p (id int PRIMARY KEY);",
+        &node_mapping(&["p"]),
+    )
+    .await;
+    fx.setup().await;
+    prepare_commit_and_roll_back(&fx).await;
     let txns = fx.peek(3).await;
     let ids: Vec<i64> = txns
         .iter()
@@ -510,25 +516,15 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
     )
     .await;
     fx.setup().await;
-    let g1 = format!("{}_g1", fx.id);
-    let g2 = format!("{}_g2", fx.id);
-    for stmt in [
-        format!("BEGIN; INSERT INTO {{s}}.p VALUES (1); PREPARE TRANSACTION '{g1}'"),
-        format!("BEGIN; INSERT INTO {{s}}.p VALUES (2); PREPARE TRANSACTION '{g2}'"),
-        format!("COMMIT PREPARED '{g1}'"),
-        format!("ROLLBACK PREPARED '{g2}'"),
-        "INSERT INTO {s}.p VALUES (3)".to_string(),
-    ] {
-        fx.sql(&stmt).await;
-    }
+    prepare_commit_and_roll_back(&fx).await;
     // Begin Prepare, Prepare, Commit Prepared and Rollback Prepared travel
     // now; the transactions that come out are the same.
-    let txns = fx.peek_two_phase(2).await;
+    let txns = fx.peek_two_phase(3).await;
     let ids: Vec<i64> = txns
         .iter()
         .map(|t| t["changes"][0]["new"]["id"]["value"].as_i64().unwrap_or(-1))
         .collect();
-    assert_eq!(ids, vec![1, 3]);
+    assert_eq!(ids, vec![3, 1, 4]);
     let row = fx
         .pg
         .query_one(
