@@ -42,6 +42,15 @@ pub fn upsert_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     )
 }
 
+/// Create placeholder nodes unless they exist: rows `{k}`.
+pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    format!(
+        "UNWIND $rows AS row MERGE (n:{} {})",
+        quote(label),
+        key_pattern(key_props, "k")
+    )
+}
+
 /// Delete nodes with their relationships: rows `{k, lsn}`.
 pub fn delete_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(

@@ -150,6 +150,13 @@ pub enum GraphOp {
         /// Commit LSN.
         lsn: Lsn,
     },
+    /// Create the node as a placeholder (key only, no `_lsn`) unless it
+    /// exists. The mapper never emits this; the batcher does, where it
+    /// coalesces away an operation that would have created the node.
+    EnsureNode {
+        /// The node.
+        node: NodeRef,
+    },
     /// Delete every node with a label (TRUNCATE of a node table).
     TruncateLabel {
         /// Label.

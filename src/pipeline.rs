@@ -290,7 +290,6 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
     let mapper = Mapper::new(Arc::clone(&p.mapping));
     let mut assembler = Assembler::with_spill(cfg.postgres.spill());
     let mut batcher = Batcher::new();
-    let mut ops = Vec::new();
     let mut flushed = checkpoint;
     let mut in_flight: Option<Lsn> = None;
     let mut deadline: Option<Instant> = None;
@@ -337,13 +336,16 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
                             tracing::debug!(end_lsn = %txn.end_lsn, "skipping a transaction already applied");
                             continue;
                         }
+                        let mut groups = Vec::with_capacity(txn.changes.len());
                         for change in &txn.changes {
+                            let mut ops = Vec::new();
                             mapper.map_change(change, txn.commit_lsn, &mut ops)?;
+                            groups.push(ops);
                         }
                         if batcher.is_empty() {
                             deadline = Some(Instant::now() + cfg.batch.max_delay);
                         }
-                        batcher.push_transaction(std::mem::take(&mut ops), txn.changes.len(), txn.end_lsn);
+                        batcher.push_transaction(groups, txn.end_lsn);
                         if batcher.changes() >= max_changes && in_flight.is_none() {
                             in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
                             deadline = None;

@@ -73,6 +73,10 @@ struct Segment {
     edge_merge_idx: HashMap<EdgeId, usize>,
     deletes: Vec<(NodeRef, Lsn)>,
     deleted: HashMap<NodeRef, usize>,
+    /// Nodes that a coalesced-away operation would have created as
+    /// placeholders; they are created all the same.
+    ensure: Vec<NodeRef>,
+    ensured: std::collections::HashSet<NodeRef>,
     truncate: Option<GraphOp>,
 }
 
@@ -82,6 +86,7 @@ impl Segment {
             && self.owned.is_empty()
             && self.edge_deletes.is_empty()
             && self.edge_merge_idx.is_empty()
+            && self.ensure.is_empty()
             && self.deletes.is_empty()
             && self.truncate.is_none()
     }
@@ -95,13 +100,22 @@ impl Segment {
                 touched(own) || other.as_ref().is_some_and(touched)
             }
             GraphOp::MergeEdge { from, to, .. } => touched(from) || touched(to),
-            GraphOp::DeleteNode { .. } | GraphOp::DeleteEdge { .. } => false,
+            GraphOp::DeleteNode { .. }
+            | GraphOp::DeleteEdge { .. }
+            | GraphOp::EnsureNode { .. } => false,
             GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => true,
+        }
+    }
+
+    fn ensure(&mut self, node: &NodeRef) {
+        if self.ensured.insert(node.clone()) {
+            self.ensure.push(node.clone());
         }
     }
 
     fn add(&mut self, op: GraphOp) {
         match op {
+            GraphOp::EnsureNode { node } => self.ensure(&node),
             GraphOp::UpsertNode { node, props, lsn } => match self.upsert_idx.get(&node) {
                 Some(&i) => {
                     let Some(entry) = self.upserts[i].as_mut() else {
@@ -121,11 +135,10 @@ impl Segment {
                 }
             },
             GraphOp::DeleteNode { node, lsn } => {
-                // The upsert before it is void; the delete removes the node
-                // (and its edges) whatever came before in this segment.
-                if let Some(i) = self.upsert_idx.remove(&node) {
-                    self.upserts[i] = None;
-                }
+                // An upsert before it stays: it runs first, so whatever
+                // it let happen (a placeholder at the other end of one of its
+                // edges) happens, and this delete, which runs last, removes
+                // the node and its edges as it would have one by one.
                 match self.deleted.get(&node) {
                     Some(&i) => self.deletes[i].1 = self.deletes[i].1.max(lsn),
                     None => {
@@ -143,7 +156,12 @@ impl Segment {
             } => {
                 let id = (Arc::clone(&rel_type), own.clone());
                 match self.owned_idx.get(&id) {
-                    Some(&i) => self.owned[i] = (rel_type, own_is_from, own, other, lsn),
+                    Some(&i) => {
+                        if let Some(prev) = self.owned[i].3.clone() {
+                            self.ensure(&prev);
+                        }
+                        self.owned[i] = (rel_type, own_is_from, own, other, lsn);
+                    }
                     None => {
                         self.owned_idx.insert(id, self.owned.len());
                         self.owned.push((rel_type, own_is_from, own, other, lsn));
@@ -168,8 +186,19 @@ impl Segment {
                         let Some((_, m)) = self.edge_merges[i].as_mut() else {
                             return;
                         };
-                        m.from = from;
-                        m.to = to;
+                        if m.from != from || m.to != to {
+                            // The edge moves: one by one, the first merge left
+                            // its ends (placeholders, maybe) and the second
+                            // makes a new edge with only its own properties.
+                            let prev_from = std::mem::replace(&mut m.from, from);
+                            let prev_to = std::mem::replace(&mut m.to, to);
+                            m.props.clear();
+                            self.ensure(&prev_from);
+                            self.ensure(&prev_to);
+                        }
+                        let Some((_, m)) = self.edge_merges[i].as_mut() else {
+                            return;
+                        };
                         for (name, v) in props {
                             match m.props.iter_mut().find(|(n, _)| *n == name) {
                                 Some(slot) => slot.1 = v,
@@ -205,7 +234,10 @@ impl Segment {
                 };
                 // A merge of the same edge earlier in the segment is void.
                 if let Some(i) = self.edge_merge_idx.remove(&id) {
-                    self.edge_merges[i] = None;
+                    if let Some((_, m)) = self.edge_merges[i].take() {
+                        self.ensure(&m.from);
+                        self.ensure(&m.to);
+                    }
                 }
                 if self.edge_delete_idx.insert(id.clone()) {
                     self.edge_deletes.push((id, lsn));
@@ -217,44 +249,123 @@ impl Segment {
         }
     }
 
-    /// The statements of this segment, in the order that keeps it exact.
-    fn statements(self, mapping: &Mapping, out: &mut Vec<Statement>) {
+    /// The operations of this segment grouped into statements (each group
+    /// one statement of one kind and target), in the order that keeps it exact.
+    fn plan(self, out: &mut Vec<Vec<GraphOp>>) {
         if let Some(op) = self.truncate {
-            let cypher = match op {
-                GraphOp::TruncateLabel { label } => cypher::truncate_label(&label),
-                GraphOp::TruncateType { rel_type } => cypher::truncate_type(&rel_type),
-                _ => return,
-            };
-            out.push(Statement {
-                cypher,
-                rows: BoltList::new(),
-            });
+            out.push(vec![op]);
             return;
         }
-        let lookup = Lookup::new(mapping);
-        let lsn = |l: Lsn| BoltType::Integer(BoltInteger::new(l.to_i64()));
-
         // 1. node upserts, by label (voided entries were deleted later).
         let mut groups: Groups<Arc<str>> = Groups::default();
-        for (node, props, l) in self.upserts.into_iter().flatten() {
-            let row = cypher::row(vec![
+        for (node, props, lsn) in self.upserts.into_iter().flatten() {
+            groups.push(
+                Arc::clone(&node.label),
+                GraphOp::UpsertNode { node, props, lsn },
+            );
+        }
+        out.extend(groups.into_inner());
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for node in self.ensure {
+            groups.push(Arc::clone(&node.label), GraphOp::EnsureNode { node });
+        }
+        out.extend(groups.into_inner());
+
+        // 2. row-owned relationships, by type, direction and label.
+        let mut groups: Groups<(Arc<str>, bool, Arc<str>)> = Groups::default();
+        for (rel_type, own_is_from, own, other, lsn) in self.owned {
+            groups.push(
+                (Arc::clone(&rel_type), own_is_from, Arc::clone(&own.label)),
+                GraphOp::SetOwnedRel {
+                    rel_type,
+                    own,
+                    other,
+                    own_is_from,
+                    lsn,
+                },
+            );
+        }
+        out.extend(groups.into_inner());
+
+        // 3. edge deletes, by type and identity.
+        let mut groups: Groups<(Arc<str>, bool)> = Groups::default();
+        for (id, lsn) in self.edge_deletes {
+            match id {
+                EdgeId::Pair(t, f, to) => groups.push(
+                    (Arc::clone(&t), true),
+                    GraphOp::DeleteEdge {
+                        rel_type: t,
+                        key: Key(Vec::new()),
+                        ends: Some((f, to)),
+                        lsn,
+                    },
+                ),
+                EdgeId::Key(t, k) => groups.push(
+                    (Arc::clone(&t), false),
+                    GraphOp::DeleteEdge {
+                        rel_type: t,
+                        key: k,
+                        ends: None,
+                        lsn,
+                    },
+                ),
+            }
+        }
+        out.extend(groups.into_inner());
+
+        // 4. edge merges, by type.
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for (id, m) in self.edge_merges.into_iter().flatten() {
+            let (t, key) = match id {
+                EdgeId::Pair(t, _, _) => (t, Key(Vec::new())),
+                EdgeId::Key(t, k) => (t, k),
+            };
+            groups.push(
+                Arc::clone(&t),
+                GraphOp::MergeEdge {
+                    rel_type: t,
+                    key,
+                    from: m.from,
+                    to: m.to,
+                    props: m.props,
+                    lsn: m.lsn,
+                },
+            );
+        }
+        out.extend(groups.into_inner());
+
+        // 5. node deletes, by label.
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for (node, lsn) in self.deletes {
+            groups.push(Arc::clone(&node.label), GraphOp::DeleteNode { node, lsn });
+        }
+        out.extend(groups.into_inner());
+    }
+}
+
+/// One statement for a group of operations of the same kind and target.
+fn render(group: Vec<GraphOp>, lookup: &Lookup<'_>) -> Option<Statement> {
+    let lsn = |l: Lsn| BoltType::Integer(BoltInteger::new(l.to_i64()));
+    let first = group.first()?.clone();
+    let mut rows = BoltList::with_capacity(group.len());
+    for op in group {
+        let row = match op {
+            GraphOp::UpsertNode {
+                node,
+                props,
+                lsn: l,
+            } => cypher::row(vec![
                 ("k", cypher::key_list(&node.key)),
                 ("p", cypher::props_map(&props)),
                 ("lsn", lsn(l)),
-            ]);
-            groups.push(Arc::clone(&node.label), row);
-        }
-        for (label, rows) in groups.into_inner() {
-            out.push(Statement {
-                cypher: cypher::upsert_nodes(&label, lookup.key_props(&label)),
-                rows,
-            });
-        }
-
-        // 2. row-owned relationships, by type.
-        let mut groups: Groups<(Arc<str>, bool, Arc<str>)> = Groups::default();
-        for (rel_type, own_is_from, own, other, l) in self.owned {
-            let row = cypher::row(vec![
+            ]),
+            GraphOp::DeleteNode { node, lsn: l } => {
+                cypher::row(vec![("k", cypher::key_list(&node.key)), ("lsn", lsn(l))])
+            }
+            GraphOp::EnsureNode { node } => cypher::row(vec![("k", cypher::key_list(&node.key))]),
+            GraphOp::SetOwnedRel {
+                own, other, lsn: l, ..
+            } => cypher::row(vec![
                 ("o", cypher::key_list(&own.key)),
                 (
                     "t",
@@ -265,115 +376,97 @@ impl Segment {
                         }),
                 ),
                 ("lsn", lsn(l)),
-            ]);
-            groups.push((rel_type, own_is_from, own.label), row);
+            ]),
+            GraphOp::DeleteEdge {
+                key, ends, lsn: l, ..
+            } => match ends {
+                Some((f, t)) => cypher::row(vec![
+                    ("f", cypher::key_list(&f.key)),
+                    ("t", cypher::key_list(&t.key)),
+                    ("lsn", lsn(l)),
+                ]),
+                None => cypher::row(vec![("k", cypher::key_list(&key)), ("lsn", lsn(l))]),
+            },
+            GraphOp::MergeEdge {
+                key,
+                from,
+                to,
+                props,
+                lsn: l,
+                ..
+            } => cypher::row(vec![
+                ("f", cypher::key_list(&from.key)),
+                ("t", cypher::key_list(&to.key)),
+                ("k", cypher::key_list(&key)),
+                ("p", cypher::props_map(&props)),
+                ("lsn", lsn(l)),
+            ]),
+            GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => continue,
+        };
+        rows.push(row);
+    }
+    let cypher = match first {
+        GraphOp::UpsertNode { node, .. } => {
+            cypher::upsert_nodes(&node.label, lookup.key_props(&node.label))
         }
-        for ((rel_type, own_is_from, own_label), rows) in groups.into_inner() {
-            let Some(other_label) = lookup.other_end(&rel_type, own_is_from) else {
-                continue;
-            };
-            out.push(Statement {
-                cypher: cypher::set_owned_rels(
-                    &rel_type,
-                    &own_label,
-                    lookup.key_props(&own_label),
-                    &other_label,
-                    lookup.key_props(&other_label),
-                    own_is_from,
-                ),
-                rows,
-            });
+        GraphOp::DeleteNode { node, .. } => {
+            cypher::delete_nodes(&node.label, lookup.key_props(&node.label))
         }
-
-        // 3. edge deletes, by type and identity.
-        let mut groups: Groups<(Arc<str>, bool)> = Groups::default();
-        for (id, l) in self.edge_deletes {
-            match id {
-                EdgeId::Pair(t, f, to) => groups.push(
-                    (t, true),
-                    cypher::row(vec![
-                        ("f", cypher::key_list(&f.key)),
-                        ("t", cypher::key_list(&to.key)),
-                        ("lsn", lsn(l)),
-                    ]),
-                ),
-                EdgeId::Key(t, k) => groups.push(
-                    (t, false),
-                    cypher::row(vec![("k", cypher::key_list(&k)), ("lsn", lsn(l))]),
-                ),
-            }
+        GraphOp::EnsureNode { node } => {
+            cypher::ensure_nodes(&node.label, lookup.key_props(&node.label))
         }
-        for ((t, pair), rows) in groups.into_inner() {
-            let Some(rel) = lookup.rel(&t) else { continue };
-            let cypher = if pair {
+        GraphOp::SetOwnedRel {
+            rel_type,
+            own,
+            own_is_from,
+            ..
+        } => {
+            let other = lookup.other_end(&rel_type, own_is_from)?;
+            cypher::set_owned_rels(
+                &rel_type,
+                &own.label,
+                lookup.key_props(&own.label),
+                &other,
+                lookup.key_props(&other),
+                own_is_from,
+            )
+        }
+        GraphOp::DeleteEdge { rel_type, ends, .. } => {
+            let rel = lookup.rel(&rel_type)?;
+            if ends.is_some() {
                 cypher::delete_edges_by_ends(
-                    &t,
+                    &rel_type,
                     (&rel.from.label, &rel.from.key_props),
                     (&rel.to.label, &rel.to.key_props),
                 )
             } else {
-                cypher::delete_edges_by_key(&t, &rel.key_columns)
-            };
-            out.push(Statement { cypher, rows });
+                cypher::delete_edges_by_key(&rel_type, &rel.key_columns)
+            }
         }
-
-        // 4. edge merges, by type.
-        let mut groups: Groups<Arc<str>> = Groups::default();
-        for (id, m) in self.edge_merges.into_iter().flatten() {
-            let (t, k) = match id {
-                EdgeId::Pair(t, _, _) => (t, Key(Vec::new())),
-                EdgeId::Key(t, k) => (t, k),
-            };
-            groups.push(
-                t,
-                cypher::row(vec![
-                    ("f", cypher::key_list(&m.from.key)),
-                    ("t", cypher::key_list(&m.to.key)),
-                    ("k", cypher::key_list(&k)),
-                    ("p", cypher::props_map(&m.props)),
-                    ("lsn", lsn(m.lsn)),
-                ]),
-            );
-        }
-        for (t, rows) in groups.into_inner() {
-            let Some(rel) = lookup.rel(&t) else { continue };
+        GraphOp::MergeEdge { rel_type, .. } => {
+            let rel = lookup.rel(&rel_type)?;
             let edge_key = match rel.kind {
                 RelKind::Edge {
                     pair_identity: false,
                 } => Some(rel.key_columns.as_slice()),
                 _ => None,
             };
-            out.push(Statement {
-                cypher: cypher::merge_edges(
-                    &t,
-                    (&rel.from.label, &rel.from.key_props),
-                    (&rel.to.label, &rel.to.key_props),
-                    edge_key,
-                ),
-                rows,
-            });
+            cypher::merge_edges(
+                &rel_type,
+                (&rel.from.label, &rel.from.key_props),
+                (&rel.to.label, &rel.to.key_props),
+                edge_key,
+            )
         }
-
-        // 5. node deletes, by label.
-        let mut groups: Groups<Arc<str>> = Groups::default();
-        for (node, l) in self.deletes {
-            groups.push(
-                Arc::clone(&node.label),
-                cypher::row(vec![("k", cypher::key_list(&node.key)), ("lsn", lsn(l))]),
-            );
-        }
-        for (label, rows) in groups.into_inner() {
-            out.push(Statement {
-                cypher: cypher::delete_nodes(&label, lookup.key_props(&label)),
-                rows,
-            });
-        }
-    }
+        GraphOp::TruncateLabel { label } => cypher::truncate_label(&label),
+        GraphOp::TruncateType { rel_type } => cypher::truncate_type(&rel_type),
+    };
+    Some(Statement { cypher, rows })
 }
 
-/// Rows grouped by a key, in first-seen order.
+/// Operations grouped by a key, in first-seen order.
 struct Groups<K> {
-    order: Vec<(K, BoltList)>,
+    order: Vec<(K, Vec<GraphOp>)>,
     idx: HashMap<K, usize>,
 }
 
@@ -387,16 +480,16 @@ impl<K> Default for Groups<K> {
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Groups<K> {
-    fn push(&mut self, k: K, row: BoltType) {
+    fn push(&mut self, k: K, op: GraphOp) {
         let i = *self.idx.entry(k.clone()).or_insert_with(|| {
-            self.order.push((k, BoltList::new()));
+            self.order.push((k, Vec::new()));
             self.order.len() - 1
         });
-        self.order[i].1.push(row);
+        self.order[i].1.push(op);
     }
 
-    fn into_inner(self) -> Vec<(K, BoltList)> {
-        self.order
+    fn into_inner(self) -> impl Iterator<Item = Vec<GraphOp>> {
+        self.order.into_iter().map(|(_, ops)| ops)
     }
 }
 
@@ -469,45 +562,65 @@ impl Batcher {
         self.end_lsn
     }
 
-    /// Adds one whole transaction's operations.
-    pub fn push_transaction(&mut self, ops: Vec<GraphOp>, changes: usize, end_lsn: Lsn) {
+    /// Adds one whole transaction: the operations of each of its changes.
+    pub fn push_transaction(&mut self, changes: Vec<Vec<GraphOp>>, end_lsn: Lsn) {
         debug_assert!(
             end_lsn >= self.end_lsn,
             "transactions arrive in commit order"
         );
-        for op in ops {
+        self.changes += changes.len();
+        for group in changes {
+            // The operations of one change stay in one segment: split across
+            // two, the first would see a node already coalesced to the
+            // change's final version and its LSN.
             let new_segment = match self.segments.last() {
                 None => true,
-                Some(s) => s.truncate.is_some() || s.conflicts(&op),
+                Some(s) => s.truncate.is_some() || group.iter().any(|op| s.conflicts(op)),
             };
             if new_segment {
                 self.segments.push(Segment::default());
             }
-            let is_truncate = matches!(
-                op,
-                GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. }
-            );
-            if let Some(s) = self.segments.last_mut() {
-                s.add(op);
-            }
-            if is_truncate {
-                // Nothing may be reordered across a truncate.
-                self.segments.push(Segment::default());
+            for op in group {
+                let is_truncate = matches!(
+                    op,
+                    GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. }
+                );
+                if is_truncate && !self.segments.last().is_none_or(Segment::is_empty) {
+                    self.segments.push(Segment::default());
+                }
+                if let Some(s) = self.segments.last_mut() {
+                    s.add(op);
+                }
+                if is_truncate {
+                    // Nothing may be reordered across a truncate.
+                    self.segments.push(Segment::default());
+                }
             }
         }
         self.end_lsn = self.end_lsn.max(end_lsn);
-        self.changes += changes;
         self.transactions += 1;
+    }
+
+    /// Takes the waiting operations as groups, one per statement, in the
+    /// order they must run (what [`Batcher::take`] renders as Cypher).
+    fn take_plan(&mut self) -> Vec<Vec<GraphOp>> {
+        let mut plan = Vec::new();
+        for s in std::mem::take(&mut self.segments) {
+            if !s.is_empty() {
+                s.plan(&mut plan);
+            }
+        }
+        plan
     }
 
     /// Takes the waiting operations as a batch of statements.
     pub fn take(&mut self, mapping: &Mapping) -> Batch {
-        let mut statements = Vec::new();
-        for s in std::mem::take(&mut self.segments) {
-            if !s.is_empty() {
-                s.statements(mapping, &mut statements);
-            }
-        }
+        let lookup = Lookup::new(mapping);
+        let statements = self
+            .take_plan()
+            .into_iter()
+            .filter_map(|group| render(group, &lookup))
+            .collect();
         let batch = Batch {
             statements,
             end_lsn: self.end_lsn,
@@ -519,3 +632,6 @@ impl Batcher {
         batch
     }
 }
+
+#[cfg(test)]
+mod tests;
