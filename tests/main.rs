@@ -7,6 +7,7 @@
 
 mod support;
 
+mod chaos;
 mod connect;
 mod decoding;
 mod end_to_end;
