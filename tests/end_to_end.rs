@@ -337,3 +337,63 @@ async fn a_quiet_publication_does_not_hold_wal_back() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+const DOCS_DDL: &str = "CREATE TABLE {s}.docs (id int PRIMARY KEY, title text, body text);
+    CREATE TABLE {s}.tags (doc_id int, tag text, PRIMARY KEY (doc_id, tag));";
+const DOCS_MAPPING: &str = r#"
+[[node]]
+table = "{s}.docs"
+label = "{p}Doc"
+
+[[node]]
+table = "{s}.tags"
+label = "{p}Tag"
+key = ["doc_id", "tag"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekeys_truncates_and_untouched_toast_reach_the_graph_exactly() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(DOCS_DDL, DOCS_MAPPING).await;
+    fx.setup().await;
+    let run = fx.start();
+    let docs = || async {
+        fx.cypher("MATCH (d:{p}Doc) RETURN d.id AS id, d.title AS title, size(d.body) AS body ORDER BY id")
+            .await
+    };
+    fx.sql(
+        "INSERT INTO {s}.docs SELECT 1, 'first', string_agg(md5(g::text), '') FROM generate_series(1, 3000) g;
+         INSERT INTO {s}.docs VALUES (2, 'second', 'short');
+         INSERT INTO {s}.tags VALUES (1, 'a'), (1, 'b'), (2, 'a');",
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the first rows", || async {
+        (docs().await.len() == 2).then_some(())
+    })
+    .await;
+    // An update that leaves the TOASTed body alone, and a primary key change.
+    fx.sql("UPDATE {s}.docs SET title = 'first, renamed' WHERE id = 1")
+        .await;
+    fx.sql("UPDATE {s}.docs SET id = 20 WHERE id = 2").await;
+    let want = vec![
+        json!({"id": 1, "title": "first, renamed", "body": 96000}),
+        json!({"id": 20, "title": "second", "body": 5}),
+    ];
+    eventually(
+        Duration::from_secs(30),
+        "the update and the re-key",
+        || async { (docs().await == want).then_some(()) },
+    )
+    .await;
+    let tags = || async { fx.cypher("MATCH (t:{p}Tag) RETURN count(t) AS n").await };
+    assert_eq!(tags().await, vec![json!({"n": 3})]);
+    fx.sql("TRUNCATE {s}.tags").await;
+    eventually(Duration::from_secs(30), "the truncate", || async {
+        (tags().await == vec![json!({"n": 0})]).then_some(())
+    })
+    .await;
+    // Other labels are untouched by the truncate.
+    assert_eq!(docs().await, want);
+    run.stop().await;
+    fx.cleanup().await;
+}
