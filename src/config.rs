@@ -148,6 +148,23 @@ pub struct Neo4jConfig {
     /// server as unavailable.
     #[serde(default = "default_neo4j_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// What to do when Neo4j rejects a change for good (a constraint the
+    /// data violates): `stop` names the table, key and LSN and exits;
+    /// `dead_letter` records it as a `WalgraphDeadLetter` node in the same
+    /// transaction and goes on.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// `neo4j.on_error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop with the offending table, key and LSN named.
+    #[default]
+    Stop,
+    /// Record the change as a dead letter and go on.
+    DeadLetter,
 }
 
 impl Default for Neo4jConfig {
@@ -159,6 +176,7 @@ impl Default for Neo4jConfig {
             password: None,
             database: None,
             timeout: default_neo4j_timeout(),
+            on_error: OnError::Stop,
         }
     }
 }

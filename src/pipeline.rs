@@ -19,13 +19,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::batch::{Batch, Batcher};
+use crate::batch::{describe, Batch, Batcher};
 use crate::catalog::{CatalogError, PgClient};
-use crate::config::Config;
+use crate::config::{Config, OnError};
 use crate::lsn::Lsn;
 use crate::map::{MapError, Mapper};
 use crate::mapping::{self, Mapping, MappingError};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{DeadLetter, Sink, SinkError};
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, SourceError, StartOptions};
 use crate::transactions::{AssembleError, Assembler};
 
@@ -222,19 +222,25 @@ enum SinkEvent {
     Failed(SinkError),
 }
 
-/// Applies batches in order, retrying transient failures with backoff.
+/// Applies batches in order, retrying transient failures with backoff. A
+/// change Neo4j rejects for good stops the pipeline with its table, key and
+/// LSN named, or becomes a dead letter (`neo4j.on_error`).
 async fn sink_task(
     sink: Sink,
+    mapping: Arc<Mapping>,
+    on_error: OnError,
     mut batches: mpsc::Receiver<Batch>,
     events: mpsc::Sender<SinkEvent>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    while let Some(mut batch) = batches.recv().await {
         let mut attempt = 0u32;
+        let mut dead: Vec<DeadLetter> = Vec::new();
         loop {
-            match sink.apply(&batch).await {
+            match sink.apply(&batch, &dead).await {
                 Ok(()) => {
                     let mut done = batch;
                     done.statements.clear();
+                    done.plan.clear();
                     if events.send(SinkEvent::Committed(done)).await.is_err() {
                         return;
                     }
@@ -245,6 +251,42 @@ async fn sink_task(
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j write failed, retrying the batch");
                     sleep(wait).await;
+                }
+                Err(SinkError::Rejected(original)) => {
+                    let located = match sink.locate(&batch, &mapping).await {
+                        Ok(l) => l,
+                        Err(e) if e.is_transient() => continue,
+                        Err(e) => {
+                            let _ = events.send(SinkEvent::Failed(e)).await;
+                            return;
+                        }
+                    };
+                    let Some((group, index, error)) = located else {
+                        let _ = events
+                            .send(SinkEvent::Failed(SinkError::Rejected(original)))
+                            .await;
+                        return;
+                    };
+                    let op = batch.plan[group][index].clone();
+                    let (table, key, lsn) = describe(&op, &mapping);
+                    let at = lsn.map_or_else(String::new, |l| format!(" committed at {l}"));
+                    if on_error == OnError::Stop {
+                        let _ = events
+                            .send(SinkEvent::Failed(SinkError::Rejected(format!(
+                                "the change to {table} key {key}{at} ({error}); fix the data or the graph, or set neo4j.on_error = \"dead_letter\" to record such changes and go on"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    tracing::error!(%table, %key, lsn = ?lsn, %error, "neo4j rejected a change; recording it as a dead letter");
+                    batch.remove(group, index, &mapping);
+                    dead.push(DeadLetter {
+                        table,
+                        key,
+                        lsn,
+                        operation: format!("{op:?}"),
+                        error,
+                    });
                 }
                 Err(e) => {
                     let _ = events.send(SinkEvent::Failed(e)).await;
@@ -284,7 +326,13 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
-    let sink_handle = tokio::spawn(sink_task(p.sink.clone(), batch_rx, event_tx));
+    let sink_handle = tokio::spawn(sink_task(
+        p.sink.clone(),
+        Arc::clone(&p.mapping),
+        cfg.neo4j.on_error,
+        batch_rx,
+        event_tx,
+    ));
     let _abort_sink = AbortOnDrop(sink_handle);
 
     let mapper = Mapper::new(Arc::clone(&p.mapping));
@@ -367,7 +415,7 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
                 let idle = assembler.is_idle() && batcher.is_empty() && in_flight.is_none();
                 if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
-                    let b = Batch { statements: Vec::new(), end_lsn: server_wal_end, changes: 0, transactions: 0 };
+                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, changes: 0, transactions: 0 };
                     in_flight = Some(b.end_lsn);
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));

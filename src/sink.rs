@@ -78,6 +78,23 @@ impl SinkError {
     }
 }
 
+/// A change Neo4j rejected for good, recorded instead of applied
+/// (`neo4j.on_error = "dead_letter"`), in the same transaction as the rest
+/// of its batch.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The source table.
+    pub table: String,
+    /// The row's key values.
+    pub key: String,
+    /// The commit LSN of the change.
+    pub lsn: Option<Lsn>,
+    /// What walgraph tried (the operation, as text).
+    pub operation: String,
+    /// Neo4j's error.
+    pub error: String,
+}
+
 /// A connection pool to Neo4j for one slot's checkpoint.
 #[derive(Clone)]
 pub struct Sink {
@@ -178,9 +195,27 @@ impl Sink {
 
     /// Applies a batch and moves the checkpoint to its end LSN, in one
     /// transaction. Returns only after the commit.
-    pub async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+    pub async fn apply(&self, batch: &Batch, dead: &[DeadLetter]) -> Result<(), SinkError> {
         self.timed("writing a batch", async {
             let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+            for d in dead {
+                let q = query(
+                    "CREATE (:WalgraphDeadLetter {slot: $slot, table: $table, key: $key, lsn: $lsn, \
+                     lsn_text: $lsn_text, operation: $operation, error: $error, at: datetime()})",
+                )
+                .param("slot", self.slot.as_str())
+                .param("table", d.table.as_str())
+                .param("key", d.key.as_str())
+                .param("lsn", d.lsn.map(Lsn::to_i64))
+                .param("lsn_text", d.lsn.map(|l| l.to_string()))
+                .param("operation", d.operation.as_str())
+                .param("error", d.error.as_str());
+                if let Err(e) = txn.run(q).await {
+                    let e = self.err(e);
+                    let _ = txn.rollback().await;
+                    return Err(e);
+                }
+            }
             for st in &batch.statements {
                 let q = query(&st.cypher).param("rows", BoltType::List(st.rows.clone()));
                 if let Err(e) = txn.run(q).await {
@@ -197,6 +232,41 @@ impl Sink {
             }
             txn.commit().await.map_err(|e| self.err(e))?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Finds the operation of a batch that Neo4j rejects: runs the plan one
+    /// operation at a time in a transaction that is rolled back. Returns the
+    /// group and index of the first rejected operation and the error.
+    pub async fn locate(
+        &self,
+        batch: &Batch,
+        mapping: &Mapping,
+    ) -> Result<Option<(usize, usize, String)>, SinkError> {
+        self.timed("looking for the rejected change", async {
+            let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+            for (gi, group) in batch.plan.iter().enumerate() {
+                for (oi, op) in group.iter().enumerate() {
+                    let Some(st) = crate::batch::render_plan(&[vec![op.clone()]], mapping)
+                        .into_iter()
+                        .next()
+                    else {
+                        continue;
+                    };
+                    let q = query(&st.cypher).param("rows", BoltType::List(st.rows));
+                    if let Err(e) = txn.run(q).await {
+                        let e = self.err(e);
+                        let _ = txn.rollback().await;
+                        return match e {
+                            SinkError::Rejected(msg) => Ok(Some((gi, oi, msg))),
+                            other => Err(other),
+                        };
+                    }
+                }
+            }
+            let _ = txn.rollback().await;
+            Ok(None)
         })
         .await
     }

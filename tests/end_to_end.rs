@@ -397,3 +397,73 @@ async fn rekeys_truncates_and_untouched_toast_reach_the_graph_exactly() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_neo4j_rejects_stops_with_table_key_and_lsn_or_becomes_a_dead_letter() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    // A constraint only the graph has: two users may share an email in Postgres.
+    let constraint = format!("{}_email", fx.prefix);
+    fx.cypher_write(&format!(
+        "CREATE CONSTRAINT {constraint} FOR (n:{{p}}User) REQUIRE n.email IS UNIQUE"
+    ))
+    .await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', 'same@example.com')")
+        .await;
+    eventually(Duration::from_secs(30), "the first user", || async {
+        (graph_users(&fx).await.len() == 1).then_some(())
+    })
+    .await;
+    fx.sql("INSERT INTO {s}.users VALUES (2, 'bob', 'same@example.com')")
+        .await;
+    let result = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .expect("walgraph must stop on a rejected change")
+        .expect("no panic");
+    let err = result
+        .expect_err("a rejected change is an error")
+        .to_string();
+    let table = format!("{}.users", fx.schema);
+    assert!(
+        err.contains(&table) && err.contains("key (2)") && err.contains("committed at"),
+        "{err}"
+    );
+    assert!(err.contains("ConstraintValidationFailed"), "{err}");
+
+    // With dead letters it records the change and goes on.
+    fx.config.neo4j.on_error = walgraph::config::OnError::DeadLetter;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.users VALUES (3, 'cy', 'other@example.com')")
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "the changes after the rejected one",
+        || async {
+            let ids: Vec<i64> = graph_users(&fx)
+                .await
+                .iter()
+                .filter_map(|u| u["id"].as_i64())
+                .collect();
+            (ids == vec![1, 3]).then_some(())
+        },
+    )
+    .await;
+    let dead = fx
+        .cypher(&format!(
+            "MATCH (d:WalgraphDeadLetter {{slot: '{}'}}) RETURN d.table AS table, d.key AS key",
+            fx.config.postgres.slot
+        ))
+        .await;
+    assert_eq!(dead, vec![json!({"table": table, "key": "(2)"})]);
+    run.stop().await;
+    fx.cypher_write(&format!(
+        "MATCH (d:WalgraphDeadLetter {{slot: '{}'}}) DELETE d",
+        fx.config.postgres.slot
+    ))
+    .await;
+    fx.cypher_write(&format!("DROP CONSTRAINT {constraint}"))
+        .await;
+    fx.cleanup().await;
+}

@@ -34,6 +34,9 @@ pub struct Statement {
 /// A batch ready for the sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
+    /// The operations, one group per statement (kept to find the one a
+    /// permanent error comes from).
+    pub plan: Vec<Vec<GraphOp>>,
     /// Statements, to run in order in one Neo4j transaction.
     pub statements: Vec<Statement>,
     /// End LSN of the last transaction in the batch: the new checkpoint.
@@ -343,12 +346,104 @@ impl Segment {
     }
 }
 
+/// The statements for a plan, in order.
+pub fn render_plan(plan: &[Vec<GraphOp>], mapping: &Mapping) -> Vec<Statement> {
+    let lookup = Lookup::new(mapping);
+    plan.iter()
+        .filter_map(|group| render(group, &lookup))
+        .collect()
+}
+
+impl Batch {
+    /// Drops one operation (one that Neo4j rejects for good) and renders
+    /// the statements again.
+    pub fn remove(&mut self, group: usize, index: usize, mapping: &Mapping) -> Option<GraphOp> {
+        let ops = self.plan.get_mut(group)?;
+        if index >= ops.len() {
+            return None;
+        }
+        let op = ops.remove(index);
+        self.plan.retain(|g| !g.is_empty());
+        self.statements = render_plan(&self.plan, mapping);
+        Some(op)
+    }
+}
+
+/// Where a graph operation comes from, for messages: the table, the key
+/// values and the commit LSN.
+pub fn describe(op: &GraphOp, mapping: &Mapping) -> (String, String, Option<Lsn>) {
+    let table_of_label = |label: &str| {
+        mapping
+            .tables
+            .iter()
+            .find(|(_, t)| t.node.as_ref().is_some_and(|n| &*n.label == label))
+            .map(|(name, _)| name.clone())
+    };
+    let table_of_type = |t: &str| {
+        mapping
+            .tables
+            .iter()
+            .find(|(_, tt)| tt.rels.iter().any(|r| &*r.rel_type == t))
+            .map(|(name, _)| name.clone())
+    };
+    let key_text = |k: &Key| {
+        let parts: Vec<String> = k.0.iter().map(|v| v.to_plain_json().to_string()).collect();
+        format!("({})", parts.join(", "))
+    };
+    let (table, key, lsn) = match op {
+        GraphOp::UpsertNode { node, lsn, .. } | GraphOp::DeleteNode { node, lsn } => {
+            (table_of_label(&node.label), key_text(&node.key), Some(*lsn))
+        }
+        GraphOp::EnsureNode { node } => (table_of_label(&node.label), key_text(&node.key), None),
+        GraphOp::SetOwnedRel {
+            rel_type, own, lsn, ..
+        } => (table_of_type(rel_type), key_text(&own.key), Some(*lsn)),
+        GraphOp::MergeEdge {
+            rel_type,
+            key,
+            from,
+            to,
+            lsn,
+            ..
+        } => (
+            table_of_type(rel_type),
+            if key.0.is_empty() {
+                format!("{}→{}", key_text(&from.key), key_text(&to.key))
+            } else {
+                key_text(key)
+            },
+            Some(*lsn),
+        ),
+        GraphOp::DeleteEdge {
+            rel_type,
+            key,
+            ends,
+            lsn,
+        } => (
+            table_of_type(rel_type),
+            match ends {
+                Some((f, t)) => format!("{}→{}", key_text(&f.key), key_text(&t.key)),
+                None => key_text(key),
+            },
+            Some(*lsn),
+        ),
+        GraphOp::TruncateLabel { label } => (table_of_label(label), "(all rows)".into(), None),
+        GraphOp::TruncateType { rel_type } => (table_of_type(rel_type), "(all rows)".into(), None),
+    };
+    (
+        table.unwrap_or_else(|| "an unmapped table".into()),
+        key,
+        lsn,
+    )
+}
+
 /// One statement for a group of operations of the same kind and target.
-fn render(group: Vec<GraphOp>, lookup: &Lookup<'_>) -> Option<Statement> {
+fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
     let lsn = |l: Lsn| BoltType::Integer(BoltInteger::new(l.to_i64()));
-    let first = group.first()?.clone();
+    let first = group.first()?;
     let mut rows = BoltList::with_capacity(group.len());
     for op in group {
+        let op = op.clone();
         let row = match op {
             GraphOp::UpsertNode {
                 node,
@@ -421,30 +516,30 @@ fn render(group: Vec<GraphOp>, lookup: &Lookup<'_>) -> Option<Statement> {
             own_is_from,
             ..
         } => {
-            let other = lookup.other_end(&rel_type, own_is_from)?;
+            let other = lookup.other_end(rel_type, *own_is_from)?;
             cypher::set_owned_rels(
-                &rel_type,
+                rel_type,
                 &own.label,
                 lookup.key_props(&own.label),
                 &other,
                 lookup.key_props(&other),
-                own_is_from,
+                *own_is_from,
             )
         }
         GraphOp::DeleteEdge { rel_type, ends, .. } => {
-            let rel = lookup.rel(&rel_type)?;
+            let rel = lookup.rel(rel_type)?;
             if ends.is_some() {
                 cypher::delete_edges_by_ends(
-                    &rel_type,
+                    rel_type,
                     (&rel.from.label, &rel.from.key_props),
                     (&rel.to.label, &rel.to.key_props),
                 )
             } else {
-                cypher::delete_edges_by_key(&rel_type, &rel.key_columns)
+                cypher::delete_edges_by_key(rel_type, &rel.key_columns)
             }
         }
         GraphOp::MergeEdge { rel_type, .. } => {
-            let rel = lookup.rel(&rel_type)?;
+            let rel = lookup.rel(rel_type)?;
             let edge_key = match rel.kind {
                 RelKind::Edge {
                     pair_identity: false,
@@ -452,14 +547,14 @@ fn render(group: Vec<GraphOp>, lookup: &Lookup<'_>) -> Option<Statement> {
                 _ => None,
             };
             cypher::merge_edges(
-                &rel_type,
+                rel_type,
                 (&rel.from.label, &rel.from.key_props),
                 (&rel.to.label, &rel.to.key_props),
                 edge_key,
             )
         }
-        GraphOp::TruncateLabel { label } => cypher::truncate_label(&label),
-        GraphOp::TruncateType { rel_type } => cypher::truncate_type(&rel_type),
+        GraphOp::TruncateLabel { label } => cypher::truncate_label(label),
+        GraphOp::TruncateType { rel_type } => cypher::truncate_type(rel_type),
     };
     Some(Statement { cypher, rows })
 }
@@ -615,13 +710,10 @@ impl Batcher {
 
     /// Takes the waiting operations as a batch of statements.
     pub fn take(&mut self, mapping: &Mapping) -> Batch {
-        let lookup = Lookup::new(mapping);
-        let statements = self
-            .take_plan()
-            .into_iter()
-            .filter_map(|group| render(group, &lookup))
-            .collect();
+        let plan = self.take_plan();
+        let statements = render_plan(&plan, mapping);
         let batch = Batch {
+            plan,
             statements,
             end_lsn: self.end_lsn,
             changes: self.changes,
