@@ -282,3 +282,66 @@ async fn sslmodes_behave_as_in_libpq_on_both_connections() {
     assert!(err.to_string().contains("TLS handshake"), "{err}");
     assert!(walgraph::catalog::PgClient::connect(&info).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_works_as_the_least_privilege_role_from_sql() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let role = format!("wgt_role_{}", fx.id);
+    let password: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walgraph_role.sql");
+    let out = Command::new("psql")
+        .arg(&fx.env.pg_url)
+        .args(["-q", "-X", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-v",
+            &format!("role={role}"),
+            "-v",
+            &format!("password={password}"),
+        ])
+        .args(["-v", &format!("schema={}", fx.schema), "-f", script])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "sql/walgraph_role.sql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = fx
+        .pg
+        .query_one(
+            "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .expect("role");
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, bool>(1)),
+        (false, true),
+        "not a superuser, may replicate"
+    );
+
+    fx.config.postgres.url = Some(url_as(&role, Some(&password)));
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (1, 'x')").await;
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "the row, streamed as the least-privilege role",
+        || async {
+            let rows = fx.cypher("MATCH (n:{p}Item) RETURN n.id AS id").await;
+            (rows.len() == 1).then_some(())
+        },
+    )
+    .await;
+    run.stop().await;
+    let _ = fx
+        .pg
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await;
+    fx.cleanup().await;
+}
