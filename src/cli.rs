@@ -66,12 +66,31 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         sample: usize,
     },
+    /// Work with the mapping.
+    Mapping {
+        /// What to do.
+        #[command(subcommand)]
+        command: MappingCommand,
+    },
     /// Drop the replication slot and the publication (a forgotten slot makes
     /// Postgres keep WAL forever and fills its disk).
     Teardown {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+/// `walgraph mapping …`.
+#[derive(Debug, Subcommand)]
+pub enum MappingCommand {
+    /// Print a mapping inferred from the catalog: every table with a primary
+    /// key a label, every foreign key a relationship, every table whose
+    /// primary key is two foreign keys a relationship whose rows are edges.
+    Infer {
+        /// The schema to read.
+        #[arg(long, default_value = "public")]
+        schema: String,
     },
 }
 
@@ -115,6 +134,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", crate::status::render(&s));
             }
+            Ok(())
+        }
+        Command::Mapping {
+            command: MappingCommand::Infer { schema },
+        } => {
+            let pg = PgClient::connect(&conninfo(&cfg)?).await?;
+            let tables = crate::infer::read_schema(&pg, &schema).await?;
+            if tables.is_empty() {
+                anyhow::bail!("schema {schema} has no tables; name another with --schema");
+            }
+            print!("{}", crate::infer::render(&schema, &tables));
             Ok(())
         }
         Command::Teardown { yes } => teardown(&cfg, yes).await,

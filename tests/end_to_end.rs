@@ -467,3 +467,58 @@ async fn a_change_neo4j_rejects_stops_with_table_key_and_lsn_or_becomes_a_dead_l
         .await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inferred_mapping_compiles_and_streams() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(SHOP_DDL, SHOP_MAPPING).await;
+    fx.sql("CREATE TABLE {s}.notes (body text)").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["mapping", "infer", "--schema", &fx.schema])
+        .env_remove("WALGRAPH_CONFIG")
+        .env("WALGRAPH_PG_URL", &fx.env.pg_url)
+        .output()
+        .expect("run walgraph mapping infer");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inferred = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        inferred.contains(&format!("# {}.notes has no primary key", fx.schema)),
+        "{inferred}"
+    );
+    // This test's own labels and types, so it cannot meet other tests' nodes.
+    let prefixed = inferred
+        .replace("label = \"", &format!("label = \"{}", fx.prefix))
+        .replace("type = \"", &format!("type = \"{}", fx.prefix));
+    let mapping =
+        walgraph::config::Config::parse(&prefixed).unwrap_or_else(|e| panic!("{e}\n{inferred}"));
+    assert_eq!(mapping.nodes.len(), 3, "{inferred}");
+    assert_eq!(mapping.relationships.len(), 2, "{inferred}");
+    fx.config.nodes = mapping.nodes;
+    fx.config.relationships = mapping.relationships;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql(
+        "INSERT INTO {s}.users VALUES (1, 'ann', 'x');
+         INSERT INTO {s}.roles VALUES (10, 'admin');
+         INSERT INTO {s}.user_roles VALUES (1, 10, '2024-01-02');
+         INSERT INTO {s}.orders VALUES (100, 1, 9.99);",
+    )
+    .await;
+    let want = json!([
+        {"t": format!("{}USER", fx.prefix), "a": 100, "b": 1},
+        {"t": format!("{}USER_ROLES", fx.prefix), "a": 1, "b": 10},
+    ]);
+    eventually(Duration::from_secs(30), "the inferred relationships", || async {
+        let rows = fx
+            .cypher("MATCH (a)-[r]->(b) WHERE type(r) STARTS WITH '{p}' RETURN type(r) AS t, a.id AS a, b.id AS b ORDER BY t")
+            .await;
+        (serde_json::Value::Array(rows) == want).then_some(())
+    })
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}
