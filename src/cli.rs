@@ -78,6 +78,10 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Also delete walgraph's checkpoint for this slot from Neo4j (do
+        /// this before pointing walgraph at another database).
+        #[arg(long)]
+        drop_checkpoint: bool,
     },
 }
 
@@ -147,7 +151,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::infer::render(&schema, &tables));
             Ok(())
         }
-        Command::Teardown { yes } => teardown(&cfg, yes).await,
+        Command::Teardown {
+            yes,
+            drop_checkpoint,
+        } => teardown(&cfg, yes, drop_checkpoint).await,
     }
 }
 
@@ -214,7 +221,7 @@ async fn wait_for_signal() {
     }
 }
 
-async fn teardown(cfg: &Config, yes: bool) -> anyhow::Result<()> {
+async fn teardown(cfg: &Config, yes: bool, drop_checkpoint: bool) -> anyhow::Result<()> {
     let slot = &cfg.postgres.slot;
     let publication = &cfg.postgres.publication;
     if !yes {
@@ -253,5 +260,16 @@ async fn teardown(cfg: &Config, yes: bool) -> anyhow::Result<()> {
             format!("publication {publication} did not exist")
         }
     );
+    if drop_checkpoint {
+        let sink = Sink::connect(&cfg.neo4j, slot).await?;
+        println!(
+            "{}",
+            if sink.drop_checkpoint().await? {
+                format!("deleted the checkpoint of slot {slot} from Neo4j")
+            } else {
+                format!("Neo4j had no checkpoint for slot {slot}")
+            }
+        );
+    }
     Ok(())
 }

@@ -193,6 +193,28 @@ impl Sink {
         .await
     }
 
+    /// Deletes this slot's checkpoint; returns whether there was one.
+    pub async fn drop_checkpoint(&self) -> Result<bool, SinkError> {
+        self.timed("deleting the checkpoint", async {
+            let mut rows = self
+                .graph
+                .execute(
+                    query(
+                        "MATCH (c:WalgraphCheckpoint {slot: $slot}) DELETE c RETURN count(*) AS n",
+                    )
+                    .param("slot", self.slot.as_str()),
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            let n = match rows.next().await.map_err(|e| self.err(e))? {
+                Some(r) => r.get::<i64>("n").unwrap_or(0),
+                None => 0,
+            };
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// Applies a batch and moves the checkpoint to its end LSN, in one
     /// transaction. Returns only after the commit.
     pub async fn apply(&self, batch: &Batch, dead: &[DeadLetter]) -> Result<(), SinkError> {

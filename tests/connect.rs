@@ -345,3 +345,102 @@ async fn run_works_as_the_least_privilege_role_from_sql() {
         .await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_is_idempotent_status_reports_and_teardown_removes_everything() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    let first = fx.setup().await;
+    assert!(first[0].starts_with("created publication"), "{first:?}");
+    assert!(
+        first[1].starts_with("created replication slot"),
+        "{first:?}"
+    );
+    let second = fx.setup().await;
+    assert!(
+        second[0].contains("already covers every mapped table"),
+        "{second:?}"
+    );
+    assert!(second[1].contains("already exists"), "{second:?}");
+    assert_eq!(second[2], "Neo4j constraints and indexes already present");
+
+    // Run once so there is a checkpoint, then look at it through status.
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (1)").await;
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "the checkpoint",
+        || async { fx.checkpoint().await },
+    )
+    .await;
+    run.stop().await;
+    let config = std::env::temp_dir().join(format!("walgraph-status-{}.toml", fx.id));
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[[node]]\ntable = \"{}.items\"\nlabel = \"{}Item\"\n",
+            fx.config.postgres.slot, fx.config.postgres.publication, fx.schema, fx.prefix
+        ),
+    )
+    .expect("config");
+    let cfg = config.to_string_lossy().into_owned();
+    let envs = [
+        ("WALGRAPH_PG_URL", fx.env.pg_url.as_str()),
+        ("WALGRAPH_NEO4J_URI", fx.env.neo4j_uri.as_str()),
+        ("WALGRAPH_NEO4J_USER", fx.env.neo4j_user.as_str()),
+        ("WALGRAPH_NEO4J_PASSWORD", fx.env.neo4j_password.as_str()),
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["--config", &cfg, "status", "--json"])
+        .envs(envs)
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["slot_exists"], true);
+    assert_eq!(status["slot_active"], false);
+    assert_eq!(status["labels"][0]["count"], 1);
+    assert!(status["checkpoint"].is_string(), "{status}");
+
+    let (ok, stderr) = walgraph(&["--config", &cfg, "teardown"], &envs);
+    assert!(
+        !ok && stderr.contains("pass --yes"),
+        "teardown without --yes off a terminal must refuse: {stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["--config", &cfg, "teardown", "--yes", "--drop-checkpoint"])
+        .envs(envs)
+        .output()
+        .expect("teardown");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("dropped replication slot") && said.contains("dropped publication"),
+        "{said}"
+    );
+    assert!(said.contains("deleted the checkpoint"), "{said}");
+    assert!(fx.checkpoint().await.is_none());
+    let left = fx
+        .pg
+        .query(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1 UNION ALL SELECT 1 FROM pg_replication_slots WHERE slot_name = $2",
+            &[&fx.config.postgres.publication, &fx.config.postgres.slot],
+        )
+        .await
+        .expect("query");
+    assert!(left.is_empty(), "teardown left the slot or the publication");
+    let _ = std::fs::remove_file(&config);
+    fx.cleanup().await;
+}
