@@ -195,7 +195,17 @@ async fn run(cfg: &Config) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = tx.send(true);
     });
-    pipeline::run(cfg, rx).await?;
+    let metrics = std::sync::Arc::new(crate::http::Metrics::default());
+    if let Some(addr) = cfg.http.listen {
+        let listener = crate::http::bind(addr).await?;
+        tracing::info!(%addr, "serving /health, /ready and /metrics");
+        tokio::spawn(crate::http::serve(
+            listener,
+            std::sync::Arc::clone(&metrics),
+            rx.clone(),
+        ));
+    }
+    pipeline::run_with_metrics(cfg, rx, metrics).await?;
     Ok(())
 }
 

@@ -49,6 +49,9 @@ pub struct Config {
     /// How changes are grouped into Neo4j transactions.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Health, readiness and metrics over HTTP.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Tables mapped to nodes.
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeMapping>,
@@ -191,6 +194,16 @@ fn default_neo4j_user() -> String {
 
 fn default_neo4j_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// `[http]`: health, readiness and Prometheus metrics for `run`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to serve `/health`, `/ready` and `/metrics` on, like
+    /// `127.0.0.1:9187` (default: no HTTP server).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[batch]`: how consecutive transactions are grouped into one Neo4j write.

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod cypher;
 pub mod decode;
+pub mod http;
 pub mod infer;
 pub mod lsn;
 pub mod map;

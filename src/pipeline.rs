@@ -13,6 +13,7 @@
 //! - when nothing is pending, the checkpoint follows the server's WAL end
 //!   (throttled), so a quiet publication does not hold WAL back.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use crate::batch::{describe, Batch, Batcher};
 use crate::catalog::{CatalogError, PgClient};
 use crate::config::{Config, OnError};
+use crate::http::Metrics;
 use crate::lsn::Lsn;
 use crate::map::{MapError, Mapper};
 use crate::mapping::{self, Mapping, MappingError};
@@ -177,7 +179,16 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
 
 /// Runs the pipeline until `shutdown` flips, reconnecting after transient
 /// failures of either database.
-pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> Result<(), RunError> {
+pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<(), RunError> {
+    run_with_metrics(cfg, shutdown, Arc::new(Metrics::default())).await
+}
+
+/// As [`run`], reporting progress in `metrics`.
+pub async fn run_with_metrics(
+    cfg: &Config,
+    mut shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+) -> Result<(), RunError> {
     let mut attempt = 0u32;
     let prepared = loop {
         match prepare(cfg).await {
@@ -197,7 +208,9 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> Result<(), RunError> {
     attempt = 0;
     loop {
         let started = Instant::now();
-        match stream_once(cfg, &prepared, &mut shutdown).await {
+        let result = stream_once(cfg, &prepared, &mut shutdown, &metrics).await;
+        metrics.ready.store(false, Ordering::Relaxed);
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -228,6 +241,7 @@ enum SinkEvent {
 async fn sink_task(
     sink: Sink,
     mapping: Arc<Mapping>,
+    metrics: Arc<Metrics>,
     on_error: OnError,
     mut batches: mpsc::Receiver<Batch>,
     events: mpsc::Sender<SinkEvent>,
@@ -249,6 +263,7 @@ async fn sink_task(
                 Err(e) if e.is_transient() => {
                     let wait = backoff(attempt);
                     attempt += 1;
+                    metrics.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j write failed, retrying the batch");
                     sleep(wait).await;
                 }
@@ -301,7 +316,12 @@ async fn sink_task(
 const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
 
 /// One replication session: from connect until shutdown or an error.
-async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Result<(), RunError> {
+async fn stream_once(
+    cfg: &Config,
+    p: &Prepared,
+    shutdown: &mut Shutdown,
+    metrics: &Arc<Metrics>,
+) -> Result<(), RunError> {
     let checkpoint = p.sink.read_checkpoint().await?.unwrap_or(Lsn::ZERO);
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
@@ -323,12 +343,17 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
             two_phase: false,
         })
         .await?;
+    metrics.ready.store(true, Ordering::Relaxed);
+    metrics
+        .flushed_lsn
+        .store(checkpoint.raw(), Ordering::Relaxed);
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
     let sink_handle = tokio::spawn(sink_task(
         p.sink.clone(),
         Arc::clone(&p.mapping),
+        Arc::clone(metrics),
         cfg.neo4j.on_error,
         batch_rx,
         event_tx,
@@ -363,6 +388,10 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
                     flushed = flushed.max(b.end_lsn);
                     in_flight = None;
                     applied_changes += b.changes as u64;
+                    metrics.changes.fetch_add(b.changes as u64, Ordering::Relaxed);
+                    metrics.transactions.fetch_add(b.transactions as u64, Ordering::Relaxed);
+                    metrics.batches.fetch_add(1, Ordering::Relaxed);
+                    metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
                     tracing::debug!(end_lsn = %b.end_lsn, changes = b.changes, transactions = b.transactions, "batch committed");
                     stream.send_status(flushed, false).await?;
                 }
@@ -378,6 +407,7 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
             ev = stream.next_event(), if can_read => match ev? {
                 ReplicationEvent::XLogData { wal_start, wal_end, data } => {
                     server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
                     let txn = assembler.push_raw(&data).map_err(|source| RunError::Stream { lsn: wal_start, source })?;
                     if let Some(txn) = txn {
                         if txn.end_lsn <= checkpoint {
@@ -402,6 +432,7 @@ async fn stream_once(cfg: &Config, p: &Prepared, shutdown: &mut Shutdown) -> Res
                 }
                 ReplicationEvent::Keepalive { wal_end, reply_requested } => {
                     server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
                     if reply_requested {
                         stream.send_status(flushed, false).await?;
                     }

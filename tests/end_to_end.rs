@@ -522,3 +522,104 @@ async fn an_inferred_mapping_compiles_and_streams() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+/// A plain HTTP GET against walgraph's endpoints: (status code, body).
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: walgraph\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = std::env::temp_dir().join(format!("walgraph-http-{}", fx.id));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[http]\nlisten = \"{addr}\"\n{}",
+            fx.config.postgres.slot,
+            fx.config.postgres.publication,
+            USERS_MAPPING
+                .replace("{s}", &fx.schema)
+                .replace("{p}", &fx.prefix)
+        ),
+    )
+    .expect("config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["--config", &config.to_string_lossy(), "run"])
+        .env("WALGRAPH_PG_URL", &fx.env.pg_url)
+        .env("WALGRAPH_NEO4J_URI", &fx.env.neo4j_uri)
+        .env("WALGRAPH_NEO4J_USER", &fx.env.neo4j_user)
+        .env("WALGRAPH_NEO4J_PASSWORD", &fx.env.neo4j_password)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start walgraph run");
+    eventually(Duration::from_secs(30), "/ready to answer 200", || async {
+        http_get(&addr, "/ready")
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+    assert_eq!(http_get(&addr, "/health").await.map(|r| r.0), Some(200));
+    assert_eq!(http_get(&addr, "/nope").await.map(|r| r.0), Some(404));
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL), (2, 'bob', NULL)")
+        .await;
+    let metrics = eventually(
+        Duration::from_secs(30),
+        "the changes in /metrics",
+        || async {
+            http_get(&addr, "/metrics")
+                .await
+                .filter(|(_, body)| body.contains("walgraph_changes_applied_total 2"))
+        },
+    )
+    .await;
+    assert!(
+        metrics.1.contains("# TYPE walgraph_lag_bytes gauge"),
+        "{}",
+        metrics.1
+    );
+    assert!(metrics.1.contains("walgraph_ready 1"), "{}", metrics.1);
+
+    // SIGTERM: finish, confirm, exit 0.
+    let pid = child.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("walgraph must stop within 30 s of SIGTERM")
+        .expect("wait");
+    assert!(
+        out.status.success(),
+        "exit after SIGTERM: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    fx.cleanup().await;
+}
