@@ -12,7 +12,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::decode::{Field, Relation, Row, Value};
+use crate::decode::{Field, Relation, Value};
 use crate::lsn::Lsn;
 use crate::mapping::{EndpointTarget, Mapping, NodeTarget, PropertyMap, RelKind, RelTarget};
 use crate::transactions::{Change, Op};
@@ -198,7 +198,7 @@ pub struct Mapper {
     mapping: Arc<Mapping>,
 }
 
-fn column<'r>(rel: &Relation, row: &'r Row, name: &str) -> Result<&'r Field, MapError> {
+fn column<'r>(rel: &Relation, row: &'r [Field], name: &str) -> Result<&'r Field, MapError> {
     let i = rel
         .column_index(name)
         .ok_or_else(|| MapError::MissingColumn {
@@ -212,7 +212,7 @@ fn column<'r>(rel: &Relation, row: &'r Row, name: &str) -> Result<&'r Field, Map
 }
 
 /// Key values of `columns`; `Ok(None)` when any is NULL or unchanged.
-fn key_of(rel: &Relation, row: &Row, columns: &[String]) -> Result<Option<Key>, MapError> {
+fn key_of(rel: &Relation, row: &[Field], columns: &[String]) -> Result<Option<Key>, MapError> {
     let mut vals = Vec::with_capacity(columns.len());
     for c in columns {
         match column(rel, row, c)? {
@@ -223,7 +223,12 @@ fn key_of(rel: &Relation, row: &Row, columns: &[String]) -> Result<Option<Key>, 
     Ok(Some(Key(vals)))
 }
 
-fn required_key(rel: &Relation, row: &Row, columns: &[String], lsn: Lsn) -> Result<Key, MapError> {
+fn required_key(
+    rel: &Relation,
+    row: &[Field],
+    columns: &[String],
+    lsn: Lsn,
+) -> Result<Key, MapError> {
     key_of(rel, row, columns)?.ok_or_else(|| MapError::MissingKey {
         table: rel.qualified_name(),
         column: columns.join(", "),
@@ -231,7 +236,7 @@ fn required_key(rel: &Relation, row: &Row, columns: &[String], lsn: Lsn) -> Resu
     })
 }
 
-fn props_of(rel: &Relation, row: &Row, props: &[PropertyMap]) -> Result<Props, MapError> {
+fn props_of(rel: &Relation, row: &[Field], props: &[PropertyMap]) -> Result<Props, MapError> {
     let mut out = Vec::with_capacity(props.len());
     for p in props {
         if let Field::Value(v) = column(rel, row, &p.column)? {
@@ -241,7 +246,11 @@ fn props_of(rel: &Relation, row: &Row, props: &[PropertyMap]) -> Result<Props, M
     Ok(out)
 }
 
-fn endpoint(rel: &Relation, row: &Row, e: &EndpointTarget) -> Result<Option<NodeRef>, MapError> {
+fn endpoint(
+    rel: &Relation,
+    row: &[Field],
+    e: &EndpointTarget,
+) -> Result<Option<NodeRef>, MapError> {
     Ok(key_of(rel, row, &e.columns)?.map(|key| NodeRef {
         label: Arc::clone(&e.label),
         key,
@@ -293,12 +302,9 @@ impl Mapper {
         };
         match change.op {
             Op::Insert | Op::Update => {
-                let new = change
-                    .new
-                    .as_ref()
-                    .map_or(&[][..], |r| r.as_slice())
-                    .to_vec();
-                let new_key = required_key(rel, &new, &node.key_columns, lsn)?;
+                // Borrowed: the per-change path copies no row.
+                let new: &[Field] = change.new.as_deref().unwrap_or(&[]);
+                let new_key = required_key(rel, new, &node.key_columns, lsn)?;
                 if let Some(old) = &change.old {
                     if let Some(old_key) = key_of(rel, old, &node.key_columns)? {
                         if old_key != new_key {
@@ -311,14 +317,14 @@ impl Mapper {
                 }
                 out.push(GraphOp::UpsertNode {
                     node: node_ref(new_key),
-                    props: props_of(rel, &new, &node.props)?,
+                    props: props_of(rel, new, &node.props)?,
                     lsn,
                 });
             }
             Op::Delete => {
-                let old = change.old.clone().unwrap_or_default();
+                let old: &[Field] = change.old.as_deref().unwrap_or(&[]);
                 out.push(GraphOp::DeleteNode {
-                    node: node_ref(required_key(rel, &old, &node.key_columns, lsn)?),
+                    node: node_ref(required_key(rel, old, &node.key_columns, lsn)?),
                     lsn,
                 });
             }
@@ -349,21 +355,20 @@ impl Mapper {
             // Deleting the row's node detaches its edges.
             (RelKind::RowOwned { .. }, Op::Delete) => {}
             (RelKind::RowOwned { own_is_from }, Op::Insert | Op::Update) => {
-                let new = change.new.clone().unwrap_or_default();
+                let new: &[Field] = change.new.as_deref().unwrap_or(&[]);
                 let (own_end, other_end) = if own_is_from {
                     (&r.from, &r.to)
                 } else {
                     (&r.to, &r.from)
                 };
-                let own_ref =
-                    endpoint(rel, &new, own_end)?.ok_or_else(|| MapError::MissingKey {
-                        table: rel.qualified_name(),
-                        column: own_end.columns.join(", "),
-                        lsn,
-                    })?;
+                let own_ref = endpoint(rel, new, own_end)?.ok_or_else(|| MapError::MissingKey {
+                    table: rel.qualified_name(),
+                    column: own_end.columns.join(", "),
+                    lsn,
+                })?;
                 // An unchanged TOASTed foreign key cannot occur (keys are not
                 // TOASTed), so None here means NULL: no edge.
-                let other = endpoint(rel, &new, other_end)?;
+                let other = endpoint(rel, new, other_end)?;
                 out.push(GraphOp::SetOwnedRel {
                     rel_type: Arc::clone(&r.rel_type),
                     own: own_ref,
@@ -373,14 +378,14 @@ impl Mapper {
                 });
             }
             (RelKind::Edge { pair_identity }, op) => {
-                let edge_key = |row: &Row| -> Result<Key, MapError> {
+                let edge_key = |row: &[Field]| -> Result<Key, MapError> {
                     if pair_identity {
                         Ok(Key(Vec::new()))
                     } else {
                         required_key(rel, row, &r.key_columns, lsn)
                     }
                 };
-                let ends = |row: &Row| -> Result<Option<(NodeRef, NodeRef)>, MapError> {
+                let ends = |row: &[Field]| -> Result<Option<(NodeRef, NodeRef)>, MapError> {
                     Ok(
                         match (endpoint(rel, row, &r.from)?, endpoint(rel, row, &r.to)?) {
                             (Some(f), Some(t)) => Some((f, t)),
@@ -400,11 +405,11 @@ impl Mapper {
                     let moved = match op {
                         Op::Delete => true,
                         _ => {
-                            let new = change.new.clone().unwrap_or_default();
+                            let new: &[Field] = change.new.as_deref().unwrap_or(&[]);
                             if pair_identity {
-                                old_ends != ends(&new)?
+                                old_ends != ends(new)?
                             } else {
-                                old_key.as_ref() != Some(&edge_key(&new)?)
+                                old_key.as_ref() != Some(&edge_key(new)?)
                             }
                         }
                     };
