@@ -221,10 +221,7 @@ async fn sigkill_and_neo4j_restarts_under_load_leave_the_graph_equal_to_postgres
     let spawn = || {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
             .args(["--config", &config.to_string_lossy(), "run"])
-            .env("WALGRAPH_PG_URL", &fx.env.pg_url)
-            .env("WALGRAPH_NEO4J_URI", &fx.env.neo4j_uri)
-            .env("WALGRAPH_NEO4J_USER", &fx.env.neo4j_user)
-            .env("WALGRAPH_NEO4J_PASSWORD", &fx.env.neo4j_password)
+            .envs(fx.env.vars())
             .env("WALGRAPH_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

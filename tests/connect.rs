@@ -388,12 +388,7 @@ async fn setup_is_idempotent_status_reports_and_teardown_removes_everything() {
     )
     .expect("config");
     let cfg = config.to_string_lossy().into_owned();
-    let envs = [
-        ("WALGRAPH_PG_URL", fx.env.pg_url.as_str()),
-        ("WALGRAPH_NEO4J_URI", fx.env.neo4j_uri.as_str()),
-        ("WALGRAPH_NEO4J_USER", fx.env.neo4j_user.as_str()),
-        ("WALGRAPH_NEO4J_PASSWORD", fx.env.neo4j_password.as_str()),
-    ];
+    let envs = fx.env.vars();
     let out = Command::new(env!("CARGO_BIN_EXE_walgraph"))
         .args(["--config", &cfg, "status", "--json"])
         .envs(envs)

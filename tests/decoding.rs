@@ -14,6 +14,13 @@ fn node_mapping(tables: &[&str]) -> String {
         .collect()
 }
 
+/// The `id` of each transaction's first new row.
+fn first_ids(txns: &[Json]) -> Vec<i64> {
+    txns.iter()
+        .map(|t| t["changes"][0]["new"]["id"]["value"].as_i64().unwrap_or(-1))
+        .collect()
+}
+
 /// The `new` row of the only change of the only transaction.
 fn only_new_row(txns: &[Json]) -> &Json {
     assert_eq!(txns.len(), 1, "{txns:#?}");
@@ -362,10 +369,7 @@ async fn a_prepared_transaction_arrives_at_commit_and_a_rolled_back_one_never() 
     fx.setup().await;
     prepare_commit_and_roll_back(&fx).await;
     let txns = fx.peek(3).await;
-    let ids: Vec<i64> = txns
-        .iter()
-        .map(|t| t["changes"][0]["new"]["id"]["value"].as_i64().unwrap_or(-1))
-        .collect();
+    let ids = first_ids(&txns);
     assert_eq!(
         ids,
         vec![3, 1, 4],
@@ -520,10 +524,7 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
     // Begin Prepare, Prepare, Commit Prepared and Rollback Prepared travel
     // now; the transactions that come out are the same.
     let txns = fx.peek_two_phase(3).await;
-    let ids: Vec<i64> = txns
-        .iter()
-        .map(|t| t["changes"][0]["new"]["id"]["value"].as_i64().unwrap_or(-1))
-        .collect();
+    let ids = first_ids(&txns);
     assert_eq!(ids, vec![3, 1, 4]);
     let row = fx
         .pg

@@ -56,6 +56,16 @@ async fn expect_users(fx: &Fixture, created: Lsn, after: Lsn, want: serde_json::
     .await;
 }
 
+/// Inserts user 1 and waits for its node.
+async fn insert_first_user(fx: &Fixture) {
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
+        .await;
+    eventually(Duration::from_secs(30), "the node", || async {
+        (graph_users(fx).await.len() == 1).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_updates_and_deletes_reach_the_graph_and_flush_follows_commit() {
     let _shared = SERVICES.read().await;
@@ -225,12 +235,7 @@ async fn graph_only_properties_survive_updates() {
     let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
     fx.setup().await;
     let run = fx.start();
-    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
-        .await;
-    eventually(Duration::from_secs(30), "the node", || async {
-        (graph_users(&fx).await.len() == 1).then_some(())
-    })
-    .await;
+    insert_first_user(&fx).await;
     fx.cypher_write("MATCH (n:{p}User {id: 1}) SET n.score = 42")
         .await;
     fx.sql("UPDATE {s}.users SET name = 'anne' WHERE id = 1")
@@ -307,12 +312,7 @@ async fn a_quiet_publication_does_not_hold_wal_back() {
     let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
     fx.setup().await;
     let run = fx.start();
-    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
-        .await;
-    eventually(Duration::from_secs(30), "the node", || async {
-        (graph_users(&fx).await.len() == 1).then_some(())
-    })
-    .await;
+    insert_first_user(&fx).await;
     // Writes to a table outside the publication: walgraph receives nothing
     // to apply, yet must let Postgres recycle that WAL.
     fx.sql(
@@ -567,10 +567,7 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
     .expect("config");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
         .args(["--config", &config.to_string_lossy(), "run"])
-        .env("WALGRAPH_PG_URL", &fx.env.pg_url)
-        .env("WALGRAPH_NEO4J_URI", &fx.env.neo4j_uri)
-        .env("WALGRAPH_NEO4J_USER", &fx.env.neo4j_user)
-        .env("WALGRAPH_NEO4J_PASSWORD", &fx.env.neo4j_password)
+        .envs(fx.env.vars())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

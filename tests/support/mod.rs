@@ -27,6 +27,18 @@ pub struct Env {
     pub neo4j_password: String,
 }
 
+impl Env {
+    /// The `WALGRAPH_*` connection variables, for a walgraph child process.
+    pub fn vars(&self) -> [(&'static str, &str); 4] {
+        [
+            ("WALGRAPH_PG_URL", self.pg_url.as_str()),
+            ("WALGRAPH_NEO4J_URI", self.neo4j_uri.as_str()),
+            ("WALGRAPH_NEO4J_USER", self.neo4j_user.as_str()),
+            ("WALGRAPH_NEO4J_PASSWORD", self.neo4j_password.as_str()),
+        ]
+    }
+}
+
 /// Reads the `WALGRAPH_*` variables; fails the test (never skips) when absent.
 pub fn env() -> Env {
     let get = |k: &str| {
