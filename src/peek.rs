@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::decode::{Field, Relation, Row};
 use crate::lsn::Lsn;
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
-use crate::transactions::{AssembleError, Assembler, Change, LogicalMessage, TxnHeader, TxnPart};
+use crate::transactions::{Assembler, Change, LogicalMessage, TxnHeader, TxnPart, PARTS_PER_TURN};
 
 /// What to peek at.
 #[derive(Debug, Clone)]
@@ -209,28 +209,38 @@ pub async fn peek(
         if opts.idle_timeout.is_some_and(|t| last_txn.elapsed() >= t) {
             break;
         }
+        let pending = assembler.has_parts();
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            ev = stream.next_event() => match ev? {
+            _ = status.tick() => stream.send_status(flush(last_end), false).await?,
+            // Parts of a committed transaction, a bounded number per turn so
+            // a huge one read back from its spill file does not starve the
+            // status updates.
+            _ = std::future::ready(()), if pending => {
+                let before = lines.written;
+                for _ in 0..PARTS_PER_TURN {
+                    let part = assembler
+                        .next_part()
+                        .map_err(|e| anyhow::anyhow!("cannot read the transaction being received: {e}"))?;
+                    let Some(part) = part else { break };
+                    if let TxnPart::Commit(h) = &part {
+                        last_end = h.end_lsn;
+                    }
+                    lines
+                        .part(part)
+                        .map_err(|e| anyhow::anyhow!("cannot write the output: {e}"))?;
+                }
+                if lines.written > before {
+                    printed = lines.written;
+                    last_txn = Instant::now();
+                }
+            }
+            ev = stream.next_event(), if !pending => match ev? {
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
-                    let before = lines.written;
-                    let mut end = None;
                     assembler
-                        .push_raw_parts(&data, &mut |part| {
-                            if let TxnPart::Commit(h) = &part {
-                                end = Some(h.end_lsn);
-                            }
-                            lines.part(part).map_err(|e| AssembleError::Consumer(format!("cannot write the output: {e}")))
-                        })
+                        .push(&data)
                         .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
-                    if let Some(end) = end {
-                        last_end = end;
-                    }
-                    if lines.written > before {
-                        printed = lines.written;
-                        last_txn = Instant::now();
-                    }
                 }
                 ReplicationEvent::Keepalive { reply_requested, .. } => {
                     if reply_requested {
@@ -239,7 +249,6 @@ pub async fn peek(
                 }
                 ReplicationEvent::End => break,
             },
-            _ = status.tick() => stream.send_status(flush(last_end), false).await?,
         }
     }
     stream.finish(flush(last_end)).await?;

@@ -22,6 +22,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::batch::{describe, Batch, Batcher};
 use crate::catalog::{CatalogError, PgClient};
+use crate::checkpoint::Checkpoint;
 use crate::config::{Config, OnError};
 use crate::http::Metrics;
 use crate::lsn::Lsn;
@@ -29,7 +30,7 @@ use crate::map::{MapError, Mapper};
 use crate::mapping::{self, Mapping, MappingError};
 use crate::sink::{DeadLetter, Sink, SinkError};
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, SourceError, StartOptions};
-use crate::transactions::{AssembleError, Assembler};
+use crate::transactions::{AssembleError, Assembler, TxnPart, PARTS_PER_TURN};
 
 /// Why `run` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +323,7 @@ async fn stream_once(
     shutdown: &mut Shutdown,
     metrics: &Arc<Metrics>,
 ) -> Result<(), RunError> {
-    let checkpoint = p.sink.read_checkpoint().await?.unwrap_or(Lsn::ZERO);
+    let checkpoint = p.sink.read_checkpoint().await?.unwrap_or_default();
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
     let proto_version = stream
@@ -333,7 +334,7 @@ async fn stream_once(
         .start(&StartOptions {
             slot: cfg.postgres.slot.clone(),
             publications: vec![cfg.postgres.publication.clone()],
-            start: checkpoint,
+            start: checkpoint.lsn,
             proto_version,
             messages: false,
             streaming: cfg.postgres.streaming,
@@ -346,7 +347,7 @@ async fn stream_once(
     metrics.ready.store(true, Ordering::Relaxed);
     metrics
         .flushed_lsn
-        .store(checkpoint.raw(), Ordering::Relaxed);
+        .store(checkpoint.lsn.raw(), Ordering::Relaxed);
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
@@ -363,7 +364,9 @@ async fn stream_once(
     let mapper = Mapper::new(Arc::clone(&p.mapping));
     let mut assembler = Assembler::with_spill(cfg.postgres.spill());
     let mut batcher = Batcher::new();
-    let mut flushed = checkpoint;
+    let mut flushed = checkpoint.lsn;
+    let mut open: Option<OpenTxn> = None;
+    let mut wal_start = Lsn::ZERO;
     let mut in_flight: Option<Lsn> = None;
     let mut deadline: Option<Instant> = None;
     let mut server_wal_end = Lsn::ZERO;
@@ -375,7 +378,9 @@ async fn stream_once(
     let mut last_report = Instant::now();
 
     let result: Result<(), RunError> = loop {
-        let can_read = batcher.changes() < max_changes || in_flight.is_none();
+        let pending = assembler.has_parts();
+        let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
+        let can_take = pending && batcher.changes() < max_changes;
         let can_dispatch = in_flight.is_none() && !batcher.is_empty();
         tokio::select! {
             biased;
@@ -392,61 +397,20 @@ async fn stream_once(
                     metrics.transactions.fetch_add(b.transactions as u64, Ordering::Relaxed);
                     metrics.batches.fetch_add(1, Ordering::Relaxed);
                     metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
-                    tracing::debug!(end_lsn = %b.end_lsn, changes = b.changes, transactions = b.transactions, "batch committed");
+                    tracing::debug!(checkpoint = %b.checkpoint(), changes = b.changes, transactions = b.transactions, "batch committed");
                     stream.send_status(flushed, false).await?;
                 }
                 Some(SinkEvent::Failed(e)) => break Err(e.into()),
                 None => break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into())),
             },
-            // 3. The batch is due: hand it to the sink.
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
-                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
-                deadline = None;
-            }
-            // 4. WAL from the server.
-            ev = stream.next_event(), if can_read => match ev? {
-                ReplicationEvent::XLogData { wal_start, wal_end, data } => {
-                    server_wal_end = server_wal_end.max(wal_end);
-                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
-                    let txn = assembler.push_raw(&data).map_err(|source| RunError::Stream { lsn: wal_start, source })?;
-                    if let Some(txn) = txn {
-                        if txn.end_lsn <= checkpoint {
-                            tracing::debug!(end_lsn = %txn.end_lsn, "skipping a transaction already applied");
-                            continue;
-                        }
-                        let mut groups = Vec::with_capacity(txn.changes.len());
-                        for change in &txn.changes {
-                            let mut ops = Vec::new();
-                            mapper.map_change(change, txn.commit_lsn, &mut ops)?;
-                            groups.push(ops);
-                        }
-                        if batcher.is_empty() {
-                            deadline = Some(Instant::now() + cfg.batch.max_delay);
-                        }
-                        batcher.push_transaction(groups, txn.end_lsn);
-                        if batcher.changes() >= max_changes && in_flight.is_none() {
-                            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
-                            deadline = None;
-                        }
-                    }
-                }
-                ReplicationEvent::Keepalive { wal_end, reply_requested } => {
-                    server_wal_end = server_wal_end.max(wal_end);
-                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
-                    if reply_requested {
-                        stream.send_status(flushed, false).await?;
-                    }
-                }
-                ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
-            },
-            // 5. Regular status, and the idle checkpoint advance.
+            // 3. Regular status (even while a huge transaction is taken
+            //    apart), and the idle checkpoint advance.
             _ = status.tick() => {
                 stream.send_status(flushed, false).await?;
-                let idle = assembler.is_idle() && batcher.is_empty() && in_flight.is_none();
+                let idle = assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
                 if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
-                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, changes: 0, transactions: 0 };
+                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0 };
                     in_flight = Some(b.end_lsn);
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
@@ -458,6 +422,45 @@ async fn stream_once(
                     last_report = Instant::now();
                 }
             }
+            // 4. The batch is due: hand it to the sink.
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
+                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                deadline = None;
+            }
+            // 5. Parts of a committed transaction, until the batch is full;
+            //    a transaction larger than a batch continues in the next.
+            _ = std::future::ready(()), if can_take => {
+                for _ in 0..PARTS_PER_TURN {
+                    if batcher.changes() >= max_changes {
+                        break;
+                    }
+                    let part = assembler.next_part().map_err(|source| RunError::Stream { lsn: wal_start, source })?;
+                    let Some(part) = part else { break };
+                    let was_empty = batcher.is_empty();
+                    take_part(part, &checkpoint, &mut open, &mapper, &mut batcher)?;
+                    if was_empty && !batcher.is_empty() {
+                        deadline = Some(Instant::now() + cfg.batch.max_delay);
+                    }
+                }
+            }
+            // 6. WAL from the server.
+            ev = stream.next_event(), if can_read => match ev? {
+                ReplicationEvent::XLogData { wal_start: start, wal_end, data } => {
+                    wal_start = start;
+                    server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
+                    assembler.push(&data).map_err(|source| RunError::Stream { lsn: start, source })?;
+                }
+                ReplicationEvent::Keepalive { wal_end, reply_requested } => {
+                    server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
+                    if reply_requested {
+                        stream.send_status(flushed, false).await?;
+                    }
+                }
+                ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
+            },
         }
         // A full batch waits for the sink; send it as soon as it is free.
         if in_flight.is_none() && batcher.changes() >= max_changes {
@@ -479,6 +482,68 @@ async fn stream_once(
         tracing::info!(flushed = %flushed, "stopped");
     }
     result
+}
+
+/// The transaction whose parts are being taken.
+struct OpenTxn {
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    /// How many leading changes are already in the graph (`None`: all).
+    applied: Option<u64>,
+    /// Changes seen so far.
+    index: u64,
+}
+
+/// Maps one part of a transaction into the batcher, skipping what the
+/// checkpoint says is applied already.
+fn take_part(
+    part: TxnPart,
+    checkpoint: &Checkpoint,
+    open: &mut Option<OpenTxn>,
+    mapper: &Mapper,
+    batcher: &mut Batcher,
+) -> Result<(), RunError> {
+    match part {
+        TxnPart::Begin(h) => {
+            let applied = checkpoint.applied_changes(h.end_lsn);
+            match applied {
+                None => {
+                    tracing::debug!(end_lsn = %h.end_lsn, "skipping a transaction already applied")
+                }
+                Some(n) if n > 0 => {
+                    tracing::info!(end_lsn = %h.end_lsn, applied = n, "resuming a transaction applied in part")
+                }
+                Some(_) => {}
+            }
+            *open = Some(OpenTxn {
+                commit_lsn: h.commit_lsn,
+                end_lsn: h.end_lsn,
+                applied,
+                index: 0,
+            });
+        }
+        TxnPart::Change(c) => {
+            let t = open.as_mut().ok_or_else(|| {
+                RunError::NotReady("a change arrived outside a transaction".into())
+            })?;
+            t.index += 1;
+            if t.applied.is_none_or(|n| t.index <= n) {
+                return Ok(());
+            }
+            let mut ops = Vec::new();
+            mapper.map_change(&c, t.commit_lsn, &mut ops)?;
+            batcher.push_partial(ops, t.end_lsn, t.index);
+        }
+        TxnPart::Message(_) => {}
+        TxnPart::Commit(h) => {
+            if let Some(t) = open.take() {
+                if t.applied.is_some() {
+                    batcher.end_transaction(h.end_lsn);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn dispatch(

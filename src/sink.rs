@@ -14,7 +14,7 @@ use std::time::Duration;
 use neo4rs::{query, BoltType, ConfigBuilder, Graph, Neo4jClientErrorKind, Neo4jErrorKind};
 
 use crate::batch::Batch;
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoint, Partial};
 use crate::config::Neo4jConfig;
 use crate::lsn::Lsn;
 use crate::mapping::{quote, Mapping};
@@ -175,7 +175,7 @@ impl Sink {
     }
 
     /// The slot's checkpoint, if walgraph has written one.
-    pub async fn read_checkpoint(&self) -> Result<Option<Lsn>, SinkError> {
+    pub async fn read_checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
         self.timed("reading the checkpoint", async {
             let mut rows = self
                 .graph
@@ -185,7 +185,15 @@ impl Sink {
             match rows.next().await.map_err(|e| self.err(e))? {
                 Some(row) => {
                     let lsn: Option<i64> = row.get("lsn").ok();
-                    Ok(lsn.map(Lsn::from_i64))
+                    let partial_end: Option<i64> = row.get("partial_end").ok();
+                    let partial_changes: Option<i64> = row.get("partial_changes").ok();
+                    Ok(lsn.map(|lsn| Checkpoint {
+                        lsn: Lsn::from_i64(lsn),
+                        partial: partial_end.zip(partial_changes).map(|(end, n)| Partial {
+                            end_lsn: Lsn::from_i64(end),
+                            changes: u64::try_from(n).unwrap_or(0),
+                        }),
+                    }))
                 }
                 None => Ok(None),
             }
@@ -246,7 +254,7 @@ impl Sink {
                     return Err(e);
                 }
             }
-            let cp = checkpoint::write_query(&self.slot, batch.end_lsn);
+            let cp = checkpoint::write_query(&self.slot, batch.checkpoint());
             if let Err(e) = txn.run(cp).await {
                 let e = self.err(e);
                 let _ = txn.rollback().await;

@@ -13,7 +13,7 @@
 //!   DDL) reach the shared relation cache only if it commits, as pgoutput
 //!   expects (it does not resend a schema a committed stream carried).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,6 +132,11 @@ pub enum TxnPart {
     Commit(TxnHeader),
 }
 
+/// How many parts a loop takes before it looks at its connection again, so
+/// a huge transaction read back from its spill file does not starve the
+/// status updates.
+pub const PARTS_PER_TURN: usize = 1024;
+
 /// Where the parts of a transaction go while it is decoded.
 trait Parts {
     fn change(&mut self, c: Change) -> Result<(), AssembleError>;
@@ -155,16 +160,18 @@ impl Parts for Building {
     }
 }
 
-/// Hands parts straight to a callback.
-struct Forward<'f>(&'f mut dyn FnMut(TxnPart) -> Result<(), AssembleError>);
+/// Queues the parts one message produces.
+struct Collect<'q>(&'q mut VecDeque<TxnPart>);
 
-impl Parts for Forward<'_> {
+impl Parts for Collect<'_> {
     fn change(&mut self, c: Change) -> Result<(), AssembleError> {
-        (self.0)(TxnPart::Change(c))
+        self.0.push_back(TxnPart::Change(c));
+        Ok(())
     }
 
     fn message(&mut self, m: LogicalMessage) -> Result<(), AssembleError> {
-        (self.0)(TxnPart::Message(m))
+        self.0.push_back(TxnPart::Message(m));
+        Ok(())
     }
 
     fn origin(&mut self, _name: String) {}
@@ -214,14 +221,8 @@ impl Building {
         }
     }
 
-    /// Hands the transaction over in parts.
-    fn emit(
-        self,
-        commit_lsn: Lsn,
-        end_lsn: Lsn,
-        commit_time: i64,
-        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
-    ) -> Result<(), AssembleError> {
+    /// Queues the transaction in parts.
+    fn emit(self, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64, out: &mut VecDeque<TxnPart>) {
         let header = TxnHeader {
             xid: self.xid,
             commit_lsn,
@@ -229,14 +230,10 @@ impl Building {
             commit_time,
             origin: self.origin,
         };
-        on(TxnPart::Begin(header.clone()))?;
-        for c in self.changes {
-            on(TxnPart::Change(c))?;
-        }
-        for m in self.messages {
-            on(TxnPart::Message(m))?;
-        }
-        on(TxnPart::Commit(header))
+        out.push_back(TxnPart::Begin(header.clone()));
+        out.extend(self.changes.into_iter().map(TxnPart::Change));
+        out.extend(self.messages.into_iter().map(TxnPart::Message));
+        out.push_back(TxnPart::Commit(header));
     }
 }
 
@@ -320,34 +317,101 @@ impl StreamBuffer {
         }
     }
 
-    /// Calls `f` on every kept message, in order, then removes the spill file.
-    fn replay(
-        mut self,
-        mut f: impl FnMut(Bytes) -> Result<(), AssembleError>,
-    ) -> Result<(), AssembleError> {
+    /// Its kept messages, in order, for reading back once.
+    fn into_reader(mut self) -> Result<SpillReader, AssembleError> {
         if let Some((path, w)) = self.spill.take() {
+            use std::io::Seek;
             let spill_err = |source| AssembleError::Spill {
                 path: path.clone(),
                 source,
             };
-            let file = w.into_inner().map_err(|e| spill_err(e.into_error()))?;
-            let result = (|| {
-                use std::io::Seek;
-                let mut file = file;
-                file.seek(std::io::SeekFrom::Start(0)).map_err(spill_err)?;
-                let mut r = BufReader::with_capacity(1 << 20, file);
-                while let Some(m) = read_record(&mut r).map_err(spill_err)? {
-                    f(m)?;
+            let mut file = match w.into_inner() {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(spill_err(e.into_error()));
                 }
-                Ok(())
-            })();
-            let _ = std::fs::remove_file(&path);
-            return result;
+            };
+            if let Err(e) = file.seek(std::io::SeekFrom::Start(0)) {
+                let _ = std::fs::remove_file(&path);
+                return Err(spill_err(e));
+            }
+            return Ok(SpillReader::File {
+                path,
+                reader: BufReader::with_capacity(1 << 20, file),
+            });
         }
-        for m in self.memory.drain(..) {
-            f(m)?;
+        Ok(SpillReader::Memory(
+            std::mem::take(&mut self.memory).into_iter(),
+        ))
+    }
+}
+
+/// Reads a streamed transaction's messages back; removes its spill file
+/// when dropped.
+#[derive(Debug)]
+enum SpillReader {
+    Memory(std::vec::IntoIter<Bytes>),
+    File {
+        path: PathBuf,
+        reader: BufReader<std::fs::File>,
+    },
+}
+
+impl SpillReader {
+    fn next(&mut self) -> Result<Option<Bytes>, AssembleError> {
+        match self {
+            SpillReader::Memory(it) => Ok(it.next()),
+            SpillReader::File { path, reader } => {
+                read_record(reader).map_err(|source| AssembleError::Spill {
+                    path: path.clone(),
+                    source,
+                })
+            }
         }
-        Ok(())
+    }
+}
+
+impl Drop for SpillReader {
+    fn drop(&mut self) {
+        if let SpillReader::File { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A committed streamed transaction being read back, message by message.
+#[derive(Debug)]
+struct Replay {
+    reader: SpillReader,
+    /// The relation cache as the transaction sees it (its own DDL included).
+    local: RelationCache,
+    aborted: HashSet<Xid>,
+    /// Relation and Type messages for the shared cache once the end is reached.
+    shared_updates: Vec<PgOutputMessage>,
+    header: TxnHeader,
+}
+
+impl Replay {
+    /// Decodes the next kept message into `target`; false at the end.
+    fn step(&mut self, target: &mut dyn Parts) -> Result<bool, AssembleError> {
+        loop {
+            let Some(raw) = self.reader.next()? else {
+                return Ok(false);
+            };
+            let msg = decode_message(&raw, true)?;
+            if streamed_xid(&msg).is_some_and(|x| self.aborted.contains(&x)) {
+                continue;
+            }
+            if matches!(
+                msg,
+                PgOutputMessage::Relation { .. } | PgOutputMessage::Type { .. }
+            ) {
+                self.shared_updates.push(msg.clone());
+            }
+            apply_data(&mut self.local, Some(target), msg)?;
+            return Ok(true);
+        }
     }
 }
 
@@ -391,7 +455,11 @@ fn streamed_xid(msg: &PgOutputMessage) -> Option<Xid> {
     }
 }
 
-/// Turns the message stream into committed transactions.
+/// Turns the message stream into committed transactions, handed over in
+/// parts: [`Assembler::push`] one message, then take parts with
+/// [`Assembler::next_part`] until it returns `None` before pushing the next.
+/// A streamed transaction is read back from its spill file one message per
+/// part taken, so the caller decides how much of it is in memory.
 #[derive(Debug, Default)]
 pub struct Assembler {
     decoder: Decoder,
@@ -405,6 +473,10 @@ pub struct Assembler {
     open_stream: Option<Xid>,
     /// Prepared transactions waiting for Commit/Rollback Prepared, by GID.
     prepared: HashMap<String, Building>,
+    /// Parts ready to be taken.
+    ready: VecDeque<TxnPart>,
+    /// A committed streamed transaction being read back.
+    replay: Option<Replay>,
 }
 
 impl Assembler {
@@ -426,21 +498,29 @@ impl Assembler {
         &self.cache
     }
 
-    /// True when no transaction is partly received, so every commit the
-    /// server has sent has been emitted and confirming the server's WAL end
-    /// loses nothing.
+    /// True when no transaction is partly received or waiting to be taken,
+    /// so every commit the server has sent has been handed over and
+    /// confirming the server's WAL end loses nothing.
     pub fn is_idle(&self) -> bool {
         self.current.is_none()
             && self.open_stream.is_none()
             && self.streams.is_empty()
             && self.prepared.is_empty()
+            && !self.has_parts()
     }
 
-    /// Feeds the payload of one XLogData frame; returns a transaction when
-    /// one commits (whole, in memory: see [`Assembler::push_raw_parts`]).
+    /// True while parts wait to be taken with [`Assembler::next_part`].
+    pub fn has_parts(&self) -> bool {
+        !self.ready.is_empty() || self.replay.is_some()
+    }
+
+    /// Feeds the payload of one XLogData frame and returns the transaction
+    /// it commits, if any, whole in memory (for tests and tools; `run` and
+    /// `peek` take parts).
     pub fn push_raw(&mut self, data: &Bytes) -> Result<Option<Transaction>, AssembleError> {
+        self.push(data)?;
         let mut out: Option<Transaction> = None;
-        self.push_raw_parts(data, &mut |part| {
+        while let Some(part) = self.next_part()? {
             match part {
                 TxnPart::Begin(h) => {
                     out = Some(Transaction {
@@ -465,18 +545,19 @@ impl Assembler {
                 }
                 TxnPart::Commit(_) => {}
             }
-            Ok(())
-        })?;
+        }
         Ok(out)
     }
 
-    /// Feeds the payload of one XLogData frame; a committed transaction
-    /// goes to `on` in parts, a streamed one straight from its spill file.
-    pub fn push_raw_parts(
-        &mut self,
-        data: &Bytes,
-        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
-    ) -> Result<(), AssembleError> {
+    /// Feeds the payload of one XLogData frame. Parts of a transaction it
+    /// commits are then taken with [`Assembler::next_part`]; pushing again
+    /// before they are all taken is refused.
+    pub fn push(&mut self, data: &Bytes) -> Result<(), AssembleError> {
+        if self.has_parts() {
+            return Err(out_of_order(
+                "a message was pushed before the previous transaction was taken",
+            ));
+        }
         let msg = self.decoder.decode(data)?;
         if let Some(top) = self.open_stream {
             if streamed_xid(&msg).is_some() {
@@ -489,15 +570,30 @@ impl Assembler {
                 return buf.push(Bytes::copy_from_slice(data), &self.spill);
             }
         }
-        self.push_parts(msg, on)
+        self.push_message(msg)
+    }
+
+    /// The next part of a committed transaction: `Begin`, its changes and
+    /// messages in order, `Commit`; `None` when nothing is waiting. A
+    /// streamed transaction is decoded here, one kept message at a time.
+    pub fn next_part(&mut self) -> Result<Option<TxnPart>, AssembleError> {
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Ok(Some(p));
+            }
+            let Some(r) = self.replay.as_mut() else {
+                return Ok(None);
+            };
+            if !r.step(&mut Collect(&mut self.ready))? {
+                if let Some(r) = self.replay.take() {
+                    self.finish_replay(r, true)?;
+                }
+            }
+        }
     }
 
     /// Feeds one decoded message (outside stream blocks).
-    fn push_parts(
-        &mut self,
-        msg: PgOutputMessage,
-        on: &mut dyn FnMut(TxnPart) -> Result<(), AssembleError>,
-    ) -> Result<(), AssembleError> {
+    fn push_message(&mut self, msg: PgOutputMessage) -> Result<(), AssembleError> {
         match msg {
             PgOutputMessage::Begin { xid, .. } | PgOutputMessage::BeginPrepare { xid, .. } => {
                 if self.current.is_some() {
@@ -515,7 +611,7 @@ impl Assembler {
                     .current
                     .take()
                     .ok_or_else(|| out_of_order("Commit without Begin"))?;
-                return b.emit(commit_lsn, end_lsn, commit_time, on);
+                b.emit(commit_lsn, end_lsn, commit_time, &mut self.ready);
             }
             PgOutputMessage::StreamStart { xid, .. } => {
                 if self.open_stream.is_some() {
@@ -545,9 +641,11 @@ impl Assembler {
                     commit_time,
                     origin: None,
                 };
-                on(TxnPart::Begin(header.clone()))?;
-                self.replay_stream(xid, &mut Forward(on))?;
-                return on(TxnPart::Commit(header));
+                self.ready.push_back(TxnPart::Begin(header.clone()));
+                match self.start_replay(xid, header.clone())? {
+                    Some(r) => self.replay = Some(r),
+                    None => self.ready.push_back(TxnPart::Commit(header)),
+                }
             }
             PgOutputMessage::StreamAbort { xid, subxid, .. } => {
                 if xid == subxid {
@@ -565,7 +663,17 @@ impl Assembler {
             }
             PgOutputMessage::StreamPrepare(p) => {
                 let mut b = Building::new(p.xid);
-                self.replay_stream(p.xid, &mut b)?;
+                let header = TxnHeader {
+                    xid: p.xid,
+                    commit_lsn: p.prepare_lsn,
+                    end_lsn: p.end_lsn,
+                    commit_time: p.prepare_time,
+                    origin: None,
+                };
+                if let Some(mut r) = self.start_replay(p.xid, header)? {
+                    while r.step(&mut b)? {}
+                    self.finish_replay(r, false)?;
+                }
                 self.prepared.insert(p.gid, b);
             }
             PgOutputMessage::CommitPrepared {
@@ -581,7 +689,7 @@ impl Assembler {
                         "Commit Prepared for transaction {gid} (xid {xid}) whose Prepare was never received"
                     ))
                 })?;
-                return b.emit(commit_lsn, end_lsn, commit_time, on);
+                b.emit(commit_lsn, end_lsn, commit_time, &mut self.ready);
             }
             PgOutputMessage::RollbackPrepared { gid, .. } => {
                 self.prepared.remove(&gid);
@@ -595,31 +703,40 @@ impl Assembler {
         Ok(())
     }
 
-    /// Decodes a streamed transaction's kept messages into one transaction,
-    /// with a relation cache of its own; if it commits, its Relation
-    /// messages then update the shared cache too.
-    fn replay_stream(&mut self, xid: Xid, target: &mut dyn Parts) -> Result<(), AssembleError> {
-        let Some(buf) = self.streams.remove(&xid) else {
-            return Ok(());
+    /// Starts reading a streamed transaction's kept messages back, with a
+    /// relation cache of its own; `None` when nothing was kept for it.
+    fn start_replay(
+        &mut self,
+        xid: Xid,
+        header: TxnHeader,
+    ) -> Result<Option<Replay>, AssembleError> {
+        let Some(mut buf) = self.streams.remove(&xid) else {
+            return Ok(None);
         };
-        let aborted = buf.aborted.clone();
-        let mut local = self.cache.clone();
-        let mut shared_updates: Vec<PgOutputMessage> = Vec::new();
-        buf.replay(|raw| {
-            let msg = decode_message(&raw, true)?;
-            if streamed_xid(&msg).is_some_and(|x| aborted.contains(&x)) {
-                return Ok(());
-            }
-            if matches!(
-                msg,
-                PgOutputMessage::Relation { .. } | PgOutputMessage::Type { .. }
-            ) {
-                shared_updates.push(msg.clone());
-            }
-            apply_data(&mut local, Some(&mut *target), msg)
-        })?;
+        let aborted = std::mem::take(&mut buf.aborted);
+        Ok(Some(Replay {
+            reader: buf.into_reader()?,
+            local: self.cache.clone(),
+            aborted,
+            shared_updates: Vec::new(),
+            header,
+        }))
+    }
+
+    /// The end of a replay: the transaction committed (or was prepared), so
+    /// its Relation messages now update the shared cache too, and a
+    /// committed one's `Commit` part is queued.
+    fn finish_replay(&mut self, r: Replay, committed: bool) -> Result<(), AssembleError> {
+        let Replay {
+            shared_updates,
+            header,
+            ..
+        } = r;
         for m in shared_updates {
             apply_data(&mut self.cache, None, m)?;
+        }
+        if committed {
+            self.ready.push_back(TxnPart::Commit(header));
         }
         Ok(())
     }

@@ -11,5 +11,6 @@ mod chaos;
 mod connect;
 mod decoding;
 mod end_to_end;
+mod large;
 mod oracle;
 mod outages;

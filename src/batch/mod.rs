@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use neo4rs::{BoltInteger, BoltList, BoltType};
 
+use crate::checkpoint::{Checkpoint, Partial};
 use crate::cypher;
 use crate::lsn::Lsn;
 use crate::map::{GraphOp, Key, NodeRef, Props};
@@ -39,8 +40,12 @@ pub struct Batch {
     pub plan: Vec<Vec<GraphOp>>,
     /// Statements, to run in order in one Neo4j transaction.
     pub statements: Vec<Statement>,
-    /// End LSN of the last transaction in the batch: the new checkpoint.
+    /// End LSN of the last whole transaction in the batch (or before it):
+    /// the new checkpoint, and what may be confirmed to Postgres.
     pub end_lsn: Lsn,
+    /// When the batch ends inside a transaction too large for one batch:
+    /// that transaction and how many of its changes are applied with it.
+    pub partial: Option<Partial>,
     /// Row changes the batch holds.
     pub changes: usize,
     /// Transactions the batch holds.
@@ -346,6 +351,16 @@ impl Segment {
     }
 }
 
+impl Batch {
+    /// The checkpoint this batch writes.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            lsn: self.end_lsn,
+            partial: self.partial,
+        }
+    }
+}
+
 /// The statements for a plan, in order.
 pub fn render_plan(plan: &[Vec<GraphOp>], mapping: &Mapping) -> Vec<Statement> {
     let lookup = Lookup::new(mapping);
@@ -632,6 +647,7 @@ impl<'m> Lookup<'m> {
 pub struct Batcher {
     segments: Vec<Segment>,
     end_lsn: Lsn,
+    partial: Option<Partial>,
     changes: usize,
     transactions: usize,
 }
@@ -644,7 +660,7 @@ impl Batcher {
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.transactions == 0
+        self.transactions == 0 && self.partial.is_none()
     }
 
     /// Row changes waiting.
@@ -663,8 +679,51 @@ impl Batcher {
             end_lsn >= self.end_lsn,
             "transactions arrive in commit order"
         );
-        self.changes += changes.len();
+        self.push_changes(changes);
+        self.end_transaction(end_lsn);
+    }
+
+    /// Adds the operations of one change of the transaction ending at
+    /// `end_lsn`, its `applied`-th (counting from 1, so that many are then
+    /// waiting or applied): a transaction
+    /// too large for one batch arrives this way, and a batch taken before
+    /// [`Batcher::end_transaction`] applies it in part.
+    pub fn push_partial(&mut self, change: Vec<GraphOp>, end_lsn: Lsn, applied: u64) {
+        debug_assert!(
+            end_lsn > self.end_lsn,
+            "a partial transaction comes after the last whole one"
+        );
+        self.push_change(change);
+        self.partial = Some(Partial {
+            end_lsn,
+            changes: applied,
+        });
+    }
+
+    /// The transaction ending at `end_lsn` is complete.
+    pub fn end_transaction(&mut self, end_lsn: Lsn) {
+        self.end_lsn = self.end_lsn.max(end_lsn);
+        self.partial = None;
+        self.transactions += 1;
+    }
+
+    /// The checkpoint a batch taken now would write.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            lsn: self.end_lsn,
+            partial: self.partial,
+        }
+    }
+
+    fn push_changes(&mut self, changes: Vec<Vec<GraphOp>>) {
         for group in changes {
+            self.push_change(group);
+        }
+    }
+
+    fn push_change(&mut self, group: Vec<GraphOp>) {
+        self.changes += 1;
+        {
             // The operations of one change stay in one segment: split across
             // two, the first would see a node already coalesced to the
             // change's final version and its LSN.
@@ -692,8 +751,6 @@ impl Batcher {
                 }
             }
         }
-        self.end_lsn = self.end_lsn.max(end_lsn);
-        self.transactions += 1;
     }
 
     /// Takes the waiting operations as groups, one per statement, in the
@@ -716,6 +773,7 @@ impl Batcher {
             plan,
             statements,
             end_lsn: self.end_lsn,
+            partial: self.partial.take(),
             changes: self.changes,
             transactions: self.transactions,
         };

@@ -237,6 +237,61 @@ impl Fixture {
         row.get::<i64>("lsn").ok().map(Lsn::from_i64)
     }
 
+    /// The checkpoint's record of a transaction applied in part:
+    /// `(partial_end, partial_changes)`.
+    pub async fn checkpoint_partial(&self) -> Option<(Lsn, i64)> {
+        let mut rows = self
+            .graph
+            .execute(
+                query(
+                    "MATCH (c:WalgraphCheckpoint {slot: $slot}) \
+                     RETURN c.partial_end AS e, c.partial_changes AS n",
+                )
+                .param("slot", self.config.postgres.slot.as_str()),
+            )
+            .await
+            .expect("checkpoint query");
+        let row = rows.next().await.expect("checkpoint row")?;
+        let end = row.get::<i64>("e").ok()?;
+        let n = row.get::<i64>("n").ok()?;
+        Some((Lsn::from_i64(end), n))
+    }
+
+    /// Writes a config file for a `walgraph` child process: this fixture's
+    /// slot and publication, `extra` TOML, and `mapping` with `{s}`/`{p}`
+    /// filled in. Connection settings come from [`Env::vars`].
+    pub fn config_file(&self, name: &str, extra: &str, mapping: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("walgraph-test-{}", self.id));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let path = dir.join(name);
+        let mapping = mapping
+            .replace("{s}", &self.schema)
+            .replace("{p}", &self.prefix);
+        std::fs::write(
+            &path,
+            format!(
+                "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n{extra}\n{mapping}",
+                self.config.postgres.slot, self.config.postgres.publication
+            ),
+        )
+        .expect("config file");
+        path
+    }
+
+    /// Starts `walgraph <args…>` as a child process with this fixture's
+    /// connection settings; it is killed when dropped.
+    pub fn spawn(&self, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+            .args(args)
+            .envs(self.env.vars())
+            .env("WALGRAPH_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start walgraph")
+    }
+
     /// Runs a read query and returns each row's columns as JSON.
     pub async fn cypher(&self, q: &str) -> Vec<serde_json::Value> {
         let q = q.replace("{p}", &self.prefix);

@@ -1,0 +1,120 @@
+//! A transaction larger than a batch is applied across several Neo4j
+//! transactions, and a crash in the middle of it neither loses nor repeats
+//! a change.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{eventually, Fixture, SERVICES};
+
+const DDL: &str =
+    "CREATE TABLE {s}.items (id int PRIMARY KEY, grp int NOT NULL, val int NOT NULL);";
+
+const MAPPING: &str = r#"
+[[node]]
+table = "{s}.items"
+label = "{p}Item"
+"#;
+
+const ROWS: i64 = 20_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_a_batch_survives_sigkill_in_its_middle_exactly_once() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(DDL, MAPPING).await;
+    fx.setup().await;
+    let config = fx.config_file("large.toml", "[batch]\nmax_changes = 500\n", MAPPING);
+    let config = config.to_string_lossy().into_owned();
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+    let before = fx.wal_lsn().await;
+
+    // One transaction: 20,000 inserts, then 10,000 updates and 2,000 deletes
+    // of the rows it inserted (32,000 changes, 64 batches of 500).
+    fx.sql(&format!(
+        "BEGIN;
+         INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series(1, {ROWS}) g ORDER BY g;
+         UPDATE {{s}}.items SET val = id WHERE id % 2 = 0;
+         DELETE FROM {{s}}.items WHERE id % 10 = 3;
+         COMMIT;"
+    ))
+    .await;
+    let txn_end = fx.wal_lsn().await;
+
+    // Kill walgraph once the graph holds part of the transaction.
+    let (partial_end, applied) = eventually(
+        Duration::from_secs(120),
+        "a checkpoint inside the transaction",
+        || async { fx.checkpoint_partial().await.filter(|(_, n)| *n > 0) },
+    )
+    .await;
+    child.start_kill().expect("SIGKILL");
+    let _ = child.wait().await;
+    assert!(
+        partial_end > before && partial_end <= txn_end,
+        "the partial transaction is the big one: {partial_end} in ({before}, {txn_end}]"
+    );
+    let applied_now = fx.checkpoint_partial().await.map_or(0, |p| p.1);
+    assert!(
+        applied_now >= applied && applied_now < 32_000,
+        "killed in the middle: {applied_now} of 32000 changes applied"
+    );
+    assert!(
+        fx.confirmed_flush().await < partial_end,
+        "Postgres is not told about a transaction applied in part"
+    );
+
+    // Behind walgraph's back: remove a node the applied part created. If the
+    // restart applied the transaction's first changes again, it would return.
+    let gone = fx
+        .cypher("MATCH (i:{p}Item {id: 1}) DETACH DELETE i RETURN count(*) AS n")
+        .await;
+    assert_eq!(gone, vec![json!({"n": 1})], "row 1 was in the applied part");
+
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+    let want_nodes = ROWS - ROWS / 10 - 1; // deleted by the transaction, and node 1
+    eventually(
+        Duration::from_secs(180),
+        "the rest of the transaction",
+        || async {
+            let n = fx.cypher("MATCH (i:{p}Item) RETURN count(i) AS n").await;
+            (n == vec![json!({"n": want_nodes})] && fx.checkpoint_partial().await.is_none())
+                .then_some(())
+        },
+    )
+    .await;
+    let cp = fx.checkpoint().await.expect("a checkpoint");
+    assert!(
+        cp >= partial_end,
+        "the checkpoint moved past the transaction"
+    );
+
+    // Every other row is exactly as in Postgres.
+    let sums = fx
+        .cypher(
+            "MATCH (i:{p}Item) RETURN sum(i.val) AS val, sum(i.id) AS id, \
+             count(CASE WHEN i.id % 10 = 3 THEN 1 END) AS deleted",
+        )
+        .await;
+    let pg = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT sum(val)::bigint, (sum(id) - 1)::bigint FROM {}.items",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("sums");
+    let (val, id): (i64, i64) = (pg.get(0), pg.get(1));
+    assert_eq!(sums, vec![json!({"val": val, "id": id, "deleted": 0})]);
+    assert!(fx
+        .cypher("MATCH (i:{p}Item {id: 1}) RETURN i")
+        .await
+        .is_empty());
+
+    child.start_kill().expect("stop");
+    let _ = child.wait().await;
+    fx.cleanup().await;
+}
