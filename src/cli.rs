@@ -33,7 +33,13 @@ pub enum Command {
     /// constraints. Safe to run again: says what it created and what it found.
     Setup,
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
-    Run,
+    Run {
+        /// Benchmarks only: decode, map and batch, then drop the batches
+        /// instead of writing them, and confirm them to Postgres. This
+        /// consumes the slot: the graph misses every change it reads.
+        #[arg(long)]
+        null_sink: bool,
+    },
     /// Print the decoded transactions as JSON lines, writing nowhere and (by
     /// default) confirming nothing, so the slot stays where it was.
     Peek {
@@ -108,7 +114,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run => run(&cfg).await,
+        Command::Run { null_sink } => run(&cfg, null_sink).await,
         Command::Peek {
             temporary,
             limit,
@@ -188,7 +194,7 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     Ok(lines)
 }
 
-async fn run(cfg: &Config) -> anyhow::Result<()> {
+async fn run(cfg: &Config, null_sink: bool) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -205,7 +211,10 @@ async fn run(cfg: &Config) -> anyhow::Result<()> {
             rx.clone(),
         ));
     }
-    pipeline::run_with_metrics(cfg, rx, metrics).await?;
+    if null_sink {
+        tracing::warn!("null sink: changes are read, confirmed and dropped; the graph misses them");
+    }
+    pipeline::run_with(cfg, rx, metrics, null_sink).await?;
     Ok(())
 }
 

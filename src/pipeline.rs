@@ -103,8 +103,8 @@ pub struct Prepared {
     pub info: ConnInfo,
     /// The compiled mapping.
     pub mapping: Arc<Mapping>,
-    /// Neo4j.
-    pub sink: Sink,
+    /// Neo4j; `None` for the null sink, which writes nothing (benchmarks).
+    pub sink: Option<Sink>,
 }
 
 /// Reads the catalog of the mapped tables and compiles the mapping against it.
@@ -122,6 +122,11 @@ pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, Run
 /// Checks the world before streaming: `wal_level`, the mapping against the
 /// catalog, publication, slot, Neo4j and its constraints.
 pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_with(cfg, false).await
+}
+
+/// As [`prepare`]; with `null_sink`, Neo4j is neither contacted nor written.
+pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
     let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
         .map_err(|e| RunError::NotReady(e.to_string()))?;
     let pg = PgClient::connect(&info).await?;
@@ -163,6 +168,13 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
         }
         Some(_) => {}
     }
+    if null_sink {
+        return Ok(Prepared {
+            info,
+            mapping,
+            sink: None,
+        });
+    }
     let sink = Sink::connect(&cfg.neo4j, slot).await?;
     let missing = sink.missing_constraints(&mapping).await?;
     if !missing.is_empty() {
@@ -171,6 +183,7 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
             missing.join(", ")
         )));
     }
+    let sink = Some(sink);
     Ok(Prepared {
         info,
         mapping,
@@ -187,12 +200,24 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<(), RunError> {
 /// As [`run`], reporting progress in `metrics`.
 pub async fn run_with_metrics(
     cfg: &Config,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+) -> Result<(), RunError> {
+    run_with(cfg, shutdown, metrics, false).await
+}
+
+/// As [`run_with_metrics`]; with `null_sink`, batches are built and then
+/// dropped instead of written, and their positions confirmed to Postgres:
+/// the decode path's speed limit, for benchmarks. It consumes the slot.
+pub async fn run_with(
+    cfg: &Config,
     mut shutdown: Shutdown,
     metrics: Arc<Metrics>,
+    null_sink: bool,
 ) -> Result<(), RunError> {
     let mut attempt = 0u32;
     let prepared = loop {
-        match prepare(cfg).await {
+        match prepare_with(cfg, null_sink).await {
             Ok(p) => break p,
             Err(e) if e.is_transient() => {
                 let wait = backoff(attempt);
@@ -240,7 +265,7 @@ enum SinkEvent {
 /// change Neo4j rejects for good stops the pipeline with its table, key and
 /// LSN named, or becomes a dead letter (`neo4j.on_error`).
 async fn sink_task(
-    sink: Sink,
+    sink: Option<Sink>,
     mapping: Arc<Mapping>,
     metrics: Arc<Metrics>,
     on_error: OnError,
@@ -248,6 +273,14 @@ async fn sink_task(
     events: mpsc::Sender<SinkEvent>,
 ) {
     while let Some(mut batch) = batches.recv().await {
+        let Some(sink) = sink.as_ref() else {
+            batch.statements.clear();
+            batch.plan.clear();
+            if events.send(SinkEvent::Committed(batch)).await.is_err() {
+                return;
+            }
+            continue;
+        };
         let mut attempt = 0u32;
         let mut dead: Vec<DeadLetter> = Vec::new();
         loop {
@@ -323,7 +356,10 @@ async fn stream_once(
     shutdown: &mut Shutdown,
     metrics: &Arc<Metrics>,
 ) -> Result<(), RunError> {
-    let checkpoint = p.sink.read_checkpoint().await?.unwrap_or_default();
+    let checkpoint = match &p.sink {
+        Some(sink) => sink.read_checkpoint().await?.unwrap_or_default(),
+        None => Checkpoint::default(),
+    };
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
     let proto_version = stream
@@ -397,6 +433,7 @@ async fn stream_once(
                     metrics.transactions.fetch_add(b.transactions as u64, Ordering::Relaxed);
                     metrics.batches.fetch_add(1, Ordering::Relaxed);
                     metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
+                    record_latency(metrics, &b.commits);
                     tracing::debug!(checkpoint = %b.checkpoint(), changes = b.changes, transactions = b.transactions, "batch committed");
                     stream.send_status(flushed, false).await?;
                 }
@@ -410,7 +447,7 @@ async fn stream_once(
                 let idle = assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
                 if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
-                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0 };
+                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0, commits: Vec::new() };
                     in_flight = Some(b.end_lsn);
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
@@ -484,6 +521,21 @@ async fn stream_once(
     result
 }
 
+/// Records how long the transactions of a committed batch took from their
+/// Postgres commit to now.
+fn record_latency(metrics: &Metrics, commits: &[(i64, u64)]) {
+    const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        - PG_EPOCH_UNIX_MICROS;
+    if let Ok(mut l) = metrics.latency.lock() {
+        for &(t, n) in commits {
+            l.record(u64::try_from(now - t).unwrap_or(0), n);
+        }
+    }
+}
+
 /// The transaction whose parts are being taken.
 struct OpenTxn {
     commit_lsn: Lsn,
@@ -537,7 +589,8 @@ fn take_part(
         TxnPart::Message(_) => {}
         TxnPart::Commit(h) => {
             if let Some(t) = open.take() {
-                if t.applied.is_some() {
+                if let Some(applied) = t.applied {
+                    batcher.record_commit(h.commit_time, t.index.saturating_sub(applied));
                     batcher.end_transaction(h.end_lsn);
                 }
             }

@@ -50,6 +50,9 @@ pub struct Batch {
     pub changes: usize,
     /// Transactions the batch holds.
     pub transactions: usize,
+    /// Commit time (microseconds since 2000-01-01 UTC) and change count of
+    /// each transaction the batch completes, for latency metrics.
+    pub commits: Vec<(i64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -650,6 +653,7 @@ pub struct Batcher {
     partial: Option<Partial>,
     changes: usize,
     transactions: usize,
+    commits: Vec<(i64, u64)>,
 }
 
 impl Batcher {
@@ -705,6 +709,12 @@ impl Batcher {
         self.end_lsn = self.end_lsn.max(end_lsn);
         self.partial = None;
         self.transactions += 1;
+    }
+
+    /// Notes the commit time and change count of the transaction just
+    /// completed (for latency metrics).
+    pub fn record_commit(&mut self, commit_time: i64, changes: u64) {
+        self.commits.push((commit_time, changes));
     }
 
     /// The checkpoint a batch taken now would write.
@@ -776,6 +786,7 @@ impl Batcher {
             partial: self.partial.take(),
             changes: self.changes,
             transactions: self.transactions,
+            commits: std::mem::take(&mut self.commits),
         };
         self.changes = 0;
         self.transactions = 0;
