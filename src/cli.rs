@@ -72,6 +72,11 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         sample: usize,
     },
+    /// Measure throughput, latency, CPU and memory on a generated workload,
+    /// against pg_recvlogical, one Neo4j transaction per change and
+    /// pre-built batches, in its own schema, slots and labels (removed at
+    /// the end). Uses the configured connections; ignores the mapping.
+    Bench(crate::bench::BenchOptions),
     /// Work with the mapping.
     Mapping {
         /// What to do.
@@ -115,6 +120,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { null_sink } => run(&cfg, null_sink).await,
+        Command::Bench(opts) => {
+            let report = crate::bench::bench(&cfg, &opts).await?;
+            print!("{}", crate::bench::render(&report));
+            if let Some(path) = &opts.json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| {
+                    anyhow::anyhow!("cannot write the report to {}: {e}", path.display())
+                })?;
+            }
+            Ok(())
+        }
         Command::Peek {
             temporary,
             limit,

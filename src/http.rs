@@ -177,11 +177,7 @@ impl Metrics {
             "Bytes of WAL between the server's end and the confirmed position.",
             lag,
         );
-        let latency = self
-            .latency
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
+        let latency = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         out.push_str(
             "# HELP walgraph_commit_to_graph_seconds Time from the Postgres commit to the Neo4j commit, per change, since start.\n\
              # TYPE walgraph_commit_to_graph_seconds summary\n",

@@ -19,6 +19,7 @@
 //! - [`pipeline`]: the loop that joins them, and confirms only what committed.
 
 pub mod batch;
+pub mod bench;
 pub mod catalog;
 pub mod checkpoint;
 pub mod cli;
