@@ -581,7 +581,7 @@ impl Bench {
             let mut sql = String::from("BEGIN;");
             if ins > 0 {
                 sql.push_str(&format!(
-                    "INSERT INTO {SCHEMA}.items SELECT g, {}, g, '{payload}' FROM generate_series({first}, {}) g;",
+                    "INSERT INTO {SCHEMA}.items SELECT g, {}, g, '{payload}' FROM generate_series({first}::bigint, {}) g;",
                     grp("g"),
                     next_id - 1
                 ));
@@ -980,7 +980,7 @@ impl Bench {
         let payload = "x".repeat(self.opts.width);
         self.client()
             .batch_execute(&format!(
-                "INSERT INTO {SCHEMA}.items SELECT g, NULL, g, '{payload}' FROM generate_series({first}, {}) g",
+                "INSERT INTO {SCHEMA}.items SELECT g, NULL, g, '{payload}' FROM generate_series({first}::bigint, {}) g",
                 first + rows as i64 - 1
             ))
             .await?;

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod bench;
 mod chaos;
 mod connect;
 mod decoding;
