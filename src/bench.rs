@@ -471,7 +471,11 @@ impl Bench {
         }
         if !skipped(opts, "prebuilt") {
             eprintln!("bench: pre-built batches straight to Neo4j");
-            let cfg = self.phase_config("pre", "Pre", 5000, Duration::from_millis(100))?;
+            let size = std::env::var("WALGRAPH_BENCH_PREBUILT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5000);
+            let cfg = self.phase_config("pre", "Pre", size, Duration::from_millis(100))?;
             self.ensure_constraints(&cfg).await?;
             let m = self.prebuilt(&cfg, total).await?;
             report.measurements.push(m);
@@ -669,6 +673,22 @@ impl Bench {
         wal_mib: f64,
     ) -> anyhow::Result<Measurement> {
         let bin = find_pg_binary("pg_recvlogical")?;
+        // The protocol options walgraph negotiates, so both read the same output.
+        let version: i32 = self
+            .client()
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?
+            .get(0);
+        let proto = match version {
+            v if v >= 160_000 => 4,
+            v if v >= 150_000 => 3,
+            v if v >= 140_000 => 2,
+            _ => 1,
+        };
+        let mut protocol = vec![format!("proto_version={proto}")];
+        if proto >= 2 && self.cfg.postgres.streaming {
+            protocol.push("streaming=on".into());
+        }
         let url = self.cfg.postgres.url.clone().unwrap_or_default();
         let started = Instant::now();
         let mut child = tokio::process::Command::new(&bin)
@@ -684,10 +704,9 @@ impl Bench {
                 "--file",
                 "/dev/null",
                 "--option",
-                "proto_version=1",
-                "--option",
                 &format!("publication_names={PUBLICATION}"),
             ])
+            .args(protocol.iter().flat_map(|o| ["--option", o.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -720,7 +739,7 @@ impl Bench {
         }
         Ok(Measurement {
             name: "pg_recvlogical to /dev/null".into(),
-            settings: "pgoutput proto_version 1".into(),
+            settings: protocol.join(", "),
             changes: total,
             seconds,
             changes_per_sec: total as f64 / seconds,
@@ -882,9 +901,10 @@ impl Bench {
         Ok(Measurement {
             name: "pre-built batches to Neo4j".into(),
             settings: format!(
-                "{} batches of up to {}",
+                "{} batches, {:.1} statements each",
                 batches.len(),
-                cfg.batch.max_changes
+                batches.iter().map(|b| b.statements.len()).sum::<usize>() as f64
+                    / batches.len().max(1) as f64
             ),
             changes: total,
             seconds,
