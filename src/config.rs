@@ -232,7 +232,7 @@ fn default_max_changes() -> usize {
 }
 
 fn default_max_delay() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 
 /// Why the configuration is unusable.

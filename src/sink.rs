@@ -384,10 +384,30 @@ impl Sink {
             })
             .await?;
         }
+        // A constraint's index may still be populating; until it is online
+        // the planner falls back to label scans, and a plan chosen then
+        // stays cached.
+        self.await_indexes().await?;
         let mut after = self.schema_names().await?;
         after.sort();
         after.dedup();
         Ok(after.into_iter().filter(|n| !before.contains(n)).collect())
+    }
+
+    /// Waits until every index is online (`db.awaitIndexes`), at most four
+    /// times `neo4j.timeout`.
+    pub async fn await_indexes(&self) -> Result<(), SinkError> {
+        let secs = (self.timeout * 4).as_secs().max(1);
+        self.timed("waiting for indexes to come online", async {
+            self.graph
+                .run(
+                    query("CALL db.awaitIndexes($secs)")
+                        .param("secs", i64::try_from(secs).unwrap_or(i64::MAX)),
+                )
+                .await
+                .map_err(|e| self.err(e))
+        })
+        .await
     }
 
     /// Labels (or types) with their key properties that lack a uniqueness
