@@ -32,6 +32,19 @@ pub enum Command {
     /// Create the publication, the replication slot and the Neo4j uniqueness
     /// constraints. Safe to run again: says what it created and what it found.
     Setup,
+    /// Load the rows the tables held before streaming began, read under a
+    /// snapshot exported by a replication slot so the stream continues
+    /// exactly where the copy ends. Copies in key order and chunks; when
+    /// interrupted, running it again resumes after the last chunk written.
+    /// Run it after `setup` and before `run`.
+    Snapshot {
+        /// Rows per chunk; each chunk is one Neo4j transaction.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: usize,
+        /// Start over, even if a snapshot already finished or is half done.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
     Run {
         /// Benchmarks only: decode, map and batch, then drop the batches
@@ -120,6 +133,31 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { null_sink } => run(&cfg, null_sink).await,
+        Command::Snapshot {
+            chunk_rows,
+            restart,
+        } => {
+            let opts = crate::snapshot::SnapshotOptions {
+                chunk_rows,
+                restart,
+                progress_bar: crate::snapshot::stderr_is_terminal(),
+            };
+            let r = crate::snapshot::snapshot(&cfg, &opts).await?;
+            if r.already_done {
+                println!(
+                    "the snapshot for slot {} is already complete ({} rows); use --restart to take it again",
+                    cfg.postgres.slot, r.rows
+                );
+            } else {
+                println!(
+                    "snapshot complete: {} rows copied{} at {}; start `walgraph run` to stream from there",
+                    r.rows,
+                    if r.resumed { " (resumed)" } else { "" },
+                    r.consistent_lsn
+                );
+            }
+            Ok(())
+        }
         Command::Bench(opts) => {
             let report = crate::bench::bench(&cfg, &opts).await?;
             print!("{}", crate::bench::render(&report));

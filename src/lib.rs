@@ -34,6 +34,7 @@ pub mod mapping;
 pub mod peek;
 pub mod pipeline;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod status;
 pub mod transactions;

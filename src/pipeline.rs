@@ -127,6 +127,30 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
 
 /// As [`prepare`]; with `null_sink`, Neo4j is neither contacted nor written.
 pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
+    let p = prepare_checks(cfg, null_sink).await?;
+    if let Some(sink) = &p.sink {
+        let state = crate::snapshot::read_state(sink, &cfg.postgres.slot)
+            .await
+            .map_err(|e| {
+                RunError::NotReady(format!("cannot read the snapshot state from Neo4j: {e}"))
+            })?;
+        if state.is_some_and(|s| !s.done) {
+            return Err(RunError::NotReady(format!(
+                "a snapshot for slot {} was started and not finished; run `walgraph snapshot` to finish it first",
+                cfg.postgres.slot
+            )));
+        }
+    }
+    Ok(p)
+}
+
+/// The checks of [`prepare`] without the one for an unfinished snapshot
+/// (for `walgraph snapshot` itself).
+pub async fn prepare_for_snapshot(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_checks(cfg, false).await
+}
+
+async fn prepare_checks(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
     let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
         .map_err(|e| RunError::NotReady(e.to_string()))?;
     let pg = PgClient::connect(&info).await?;

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use neo4rs::{query, BoltType, ConfigBuilder, Graph, Neo4jClientErrorKind, Neo4jErrorKind};
+use neo4rs::{query, BoltType, ConfigBuilder, Graph, Neo4jClientErrorKind, Neo4jErrorKind, Query};
 
 use crate::batch::Batch;
 use crate::checkpoint::{self, Checkpoint, Partial};
@@ -308,6 +308,30 @@ impl Sink {
                 let e = self.err(e);
                 let _ = txn.rollback().await;
                 return Err(e);
+            }
+            txn.commit().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies a batch's statements and then `extra`, in one transaction,
+    /// without touching the checkpoint (the snapshot's chunks).
+    pub async fn apply_with(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
+        self.disable_nagle();
+        self.timed("writing a batch", async {
+            let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+            let queries = batch
+                .statements
+                .iter()
+                .map(|st| query(&st.cypher).param("rows", BoltType::List(st.rows.clone())))
+                .chain(std::iter::once(extra.clone()));
+            for q in queries {
+                if let Err(e) = txn.run(q).await {
+                    let e = self.err(e);
+                    let _ = txn.rollback().await;
+                    return Err(e);
+                }
             }
             txn.commit().await.map_err(|e| self.err(e))?;
             Ok(())

@@ -15,3 +15,4 @@ mod end_to_end;
 mod large;
 mod oracle;
 mod outages;
+mod snapshot;

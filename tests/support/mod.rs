@@ -412,7 +412,7 @@ impl Fixture {
             .run(
                 query(
                     "MATCH (n) WHERE any(l IN labels(n) WHERE l STARTS WITH $p) \
-                     OR (n:WalgraphCheckpoint AND n.slot = $slot) DETACH DELETE n",
+                     OR ((n:WalgraphCheckpoint OR n:WalgraphSnapshot) AND n.slot = $slot) DETACH DELETE n",
                 )
                 .param("p", prefix)
                 .param("slot", slot.as_str()),

@@ -1,0 +1,509 @@
+//! Snapshot: loads the rows that existed before streaming began, so that the
+//! graph plus the stream equals the database.
+//!
+//! Invariants:
+//! - rows are read under a snapshot *exported by a replication slot*
+//!   (a temporary one, created for the copy), so the copy holds exactly the
+//!   transactions that committed before that slot's consistent point `C`;
+//!   every copied node and relationship carries `_lsn = C`, and the `_lsn`
+//!   guard then skips exactly the streamed changes the copy already holds
+//!   (commit LSN below `C`) while applying every later one;
+//! - tables are copied in key order, in chunks; each chunk is written in one
+//!   Neo4j transaction together with the progress record
+//!   `(:WalgraphSnapshot {slot})` (table, last key, rows), so an interrupted
+//!   snapshot resumes after the last chunk Neo4j committed — under a new
+//!   exported snapshot, whose later consistent point the guard handles the
+//!   same way;
+//! - it refuses to run while `walgraph run` streams from the slot (a change
+//!   applied before its row is copied could be undone by the copy), and `run`
+//!   refuses to start while a snapshot is unfinished.
+//!
+//! Exported snapshots: <https://www.postgresql.org/docs/current/protocol-replication.html#PROTOCOL-REPLICATION-CREATE-REPLICATION-SLOT>
+//! and `SET TRANSACTION SNAPSHOT`.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use neo4rs::{query, Query};
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::batch::Batcher;
+use crate::catalog::{quote_ident, quote_qualified, PgClient};
+use crate::config::Config;
+use crate::decode::message::{RelationBody, RelationColumn, TupleValue};
+use crate::decode::{decode_row, RelationCache};
+use crate::lsn::Lsn;
+use crate::map::Mapper;
+use crate::mapping::Mapping;
+use crate::pipeline;
+use crate::sink::Sink;
+use crate::source::ReplicationStream;
+use crate::transactions::{Change, Op};
+
+/// The progress record's label.
+pub const LABEL: &str = "WalgraphSnapshot";
+
+/// How to take the snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Rows per chunk (one Neo4j transaction each).
+    pub chunk_rows: usize,
+    /// Start over even if a snapshot finished or is half done.
+    pub restart: bool,
+    /// Show a progress bar (else log lines).
+    pub progress_bar: bool,
+}
+
+/// A snapshot's progress as recorded in Neo4j.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotState {
+    /// All tables copied.
+    pub done: bool,
+    /// Tables copied completely.
+    pub tables_done: Vec<String>,
+    /// The table being copied.
+    pub table: Option<String>,
+    /// Its last copied key, as text.
+    pub last_key: Option<Vec<String>>,
+    /// Rows copied so far.
+    pub rows: u64,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotReport {
+    /// Rows copied by this invocation.
+    pub rows: u64,
+    /// Whether it continued an interrupted snapshot.
+    pub resumed: bool,
+    /// The consistent point of the snapshot it read under.
+    pub consistent_lsn: Lsn,
+    /// Nothing was left to do.
+    pub already_done: bool,
+}
+
+/// Reads the progress record of `slot`.
+pub async fn read_state(sink: &Sink, slot: &str) -> anyhow::Result<Option<SnapshotState>> {
+    let mut rows = sink
+        .graph()
+        .execute(
+            query(
+                "MATCH (s:WalgraphSnapshot {slot: $slot}) RETURN s.done AS done, \
+                 s.tables_done AS tables_done, s.table AS table, s.last_key AS last_key, s.rows AS rows",
+            )
+            .param("slot", slot),
+        )
+        .await?;
+    let Some(row) = rows.next().await? else {
+        return Ok(None);
+    };
+    Ok(Some(SnapshotState {
+        done: row.get::<bool>("done").unwrap_or(false),
+        tables_done: row.get::<Vec<String>>("tables_done").unwrap_or_default(),
+        table: row.get::<String>("table").ok(),
+        last_key: row.get::<Vec<String>>("last_key").ok(),
+        rows: row
+            .get::<i64>("rows")
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0),
+    }))
+}
+
+fn progress_query(slot: &str, state: &SnapshotState, lsn: Lsn) -> Query {
+    query(
+        "MERGE (s:WalgraphSnapshot {slot: $slot}) \
+         SET s.done = $done, s.tables_done = $tables_done, s.table = $table, \
+             s.last_key = $last_key, s.rows = $rows, s.lsn_text = $lsn_text, \
+             s.updated_at = datetime()",
+    )
+    .param("slot", slot)
+    .param("done", state.done)
+    .param("tables_done", state.tables_done.clone())
+    .param("table", state.table.clone())
+    .param("last_key", state.last_key.clone())
+    .param("rows", i64::try_from(state.rows).unwrap_or(i64::MAX))
+    .param("lsn_text", lsn.to_string())
+}
+
+/// One mapped table as the copy reads it.
+struct Table {
+    name: String,
+    /// `SELECT` list, quoted, in column order.
+    columns: Vec<String>,
+    /// Key columns to order and resume by: (quoted name, position, SQL type).
+    key: Vec<(String, usize, String)>,
+    relation: Arc<crate::decode::Relation>,
+}
+
+/// The mapped tables in copy order: node tables first (relationships from
+/// join tables then find their end nodes), each by name.
+fn table_order(mapping: &Mapping) -> Vec<String> {
+    let mut nodes: Vec<String> = Vec::new();
+    let mut joins: Vec<String> = Vec::new();
+    for (name, t) in &mapping.tables {
+        if t.node.is_some() {
+            nodes.push(name.clone());
+        } else {
+            joins.push(name.clone());
+        }
+    }
+    nodes.sort();
+    joins.sort();
+    nodes.extend(joins);
+    nodes
+}
+
+async fn describe_table(
+    pg: &tokio_postgres::Client,
+    name: &str,
+    primary_key: &[String],
+) -> anyhow::Result<Table> {
+    let rows = pg
+        .query(
+            "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod),
+                    c.oid::int8, n.nspname::text, c.relname::text
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&quote_qualified(name)],
+        )
+        .await
+        .with_context(|| format!("cannot read the columns of {name}"))?;
+    let Some(first) = rows.first() else {
+        bail!("{name} has no columns");
+    };
+    let oid = u32::try_from(first.get::<_, i64>(4)).unwrap_or(0);
+    let body = RelationBody {
+        oid,
+        namespace: first.get(5),
+        name: first.get(6),
+        replica_identity: b'd',
+        columns: rows
+            .iter()
+            .map(|r| {
+                let col: String = r.get(0);
+                RelationColumn {
+                    is_key: primary_key.contains(&col),
+                    name: col,
+                    type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    type_modifier: r.get(2),
+                }
+            })
+            .collect(),
+    };
+    let mut cache = RelationCache::default();
+    let relation = cache.update(&body);
+    let names: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    if primary_key.is_empty() {
+        bail!(
+            "{name} has no primary key, which the snapshot needs to copy it in order and resume; add one"
+        );
+    }
+    let key = primary_key
+        .iter()
+        .map(|k| {
+            let pos = names
+                .iter()
+                .position(|n| n == k)
+                .ok_or_else(|| anyhow!("the key column {k} of {name} does not exist"))?;
+            Ok((quote_ident(k), pos, rows[pos].get::<_, String>(3)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Table {
+        name: name.to_string(),
+        columns: names.iter().map(|n| quote_ident(n)).collect(),
+        key,
+        relation,
+    })
+}
+
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Reports progress on a terminal (a bar) or in the log.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    done: u64,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl Progress {
+    fn new(total: u64, already: u64, bar: bool) -> Self {
+        let bar = bar.then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_position(already);
+            b.reset_eta();
+            b
+        });
+        Progress {
+            bar,
+            total,
+            done: already,
+            started: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+
+    fn table(&self, name: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(name.to_string());
+        }
+    }
+
+    fn add(&mut self, rows: u64, table: &str, started_at: u64) {
+        self.done += rows;
+        if let Some(b) = &self.bar {
+            b.inc(rows);
+            return;
+        }
+        if self.last_log.elapsed() >= Duration::from_secs(5) {
+            self.last_log = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let rate = (self.done - started_at) as f64 / secs;
+            let left = self.total.saturating_sub(self.done) as f64;
+            let eta = if rate > 0.0 { left / rate } else { 0.0 };
+            tracing::info!(
+                %table,
+                rows = self.done,
+                of = self.total,
+                rows_per_sec = rate.round(),
+                eta_secs = eta.round(),
+                "snapshot progress"
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+/// Copies every mapped table into the graph under an exported snapshot.
+pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<SnapshotReport> {
+    if opts.chunk_rows == 0 {
+        bail!("--chunk-rows must be at least 1");
+    }
+    let prepared = pipeline::prepare_for_snapshot(cfg).await?;
+    let sink = prepared
+        .sink
+        .as_ref()
+        .ok_or_else(|| anyhow!("no Neo4j connection"))?;
+    let slot = cfg.postgres.slot.as_str();
+    let pg = PgClient::connect(&prepared.info).await?;
+    if let Some(s) = pg.slot(slot).await? {
+        if s.active {
+            bail!(
+                "replication slot {slot} is in use (is `walgraph run` running?); stop it before taking a snapshot"
+            );
+        }
+    }
+    let mut state = match read_state(sink, slot).await? {
+        Some(s) if opts.restart => {
+            tracing::info!(rows = s.rows, "starting the snapshot over");
+            SnapshotState::default()
+        }
+        Some(s) if s.done => {
+            return Ok(SnapshotReport {
+                already_done: true,
+                rows: s.rows,
+                ..SnapshotReport::default()
+            })
+        }
+        Some(s) => s,
+        None => SnapshotState::default(),
+    };
+    let resumed = state.rows > 0 || !state.tables_done.is_empty();
+
+    // The exported snapshot lives as long as this connection stays open and idle.
+    let mut repl = ReplicationStream::connect(&prepared.info).await?;
+    let temp_slot = format!("walgraph_snapshot_{}", std::process::id());
+    let created = repl
+        .command(&format!(
+            "CREATE_REPLICATION_SLOT {temp_slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+        ))
+        .await?;
+    let row = created
+        .first()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned nothing"))?;
+    let consistent: Lsn = row
+        .get(1)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
+        .parse()
+        .map_err(|e| anyhow!("CREATE_REPLICATION_SLOT returned a bad consistent point: {e}"))?;
+    let snapshot_name = row
+        .get(2)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+    tracing::info!(consistent_lsn = %consistent, snapshot = %snapshot_name, resumed, "reading under an exported snapshot");
+
+    let reader = PgClient::connect(&prepared.info).await?;
+    let c = reader.client();
+    c.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+         SET TRANSACTION SNAPSHOT {};
+         SET LOCAL DateStyle = ISO; SET LOCAL TimeZone = 'UTC'; SET LOCAL IntervalStyle = iso_8601;
+         SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = hex;",
+        literal(&snapshot_name)
+    ))
+    .await
+    .context("cannot read under the exported snapshot")?;
+    // The transaction holds the snapshot now; the temporary slot can go.
+    drop(repl);
+
+    let tables = table_order(&prepared.mapping);
+    let catalog = reader.catalog(&tables).await?;
+    let mut described = Vec::new();
+    let mut total = state.rows;
+    for name in &tables {
+        if state.tables_done.contains(name) {
+            continue;
+        }
+        let pk = catalog
+            .get(name)
+            .map(|t| t.primary_key.clone())
+            .unwrap_or_default();
+        let t = describe_table(c, name, &pk).await?;
+        let count = c
+            .query_one(
+                &format!("SELECT count(*) FROM {}", quote_qualified(name)),
+                &[],
+            )
+            .await?
+            .get::<_, i64>(0);
+        total += u64::try_from(count).unwrap_or(0);
+        described.push(t);
+    }
+    // Rows of the table being resumed that are already copied are counted
+    // twice above; the bar's total is an estimate anyway.
+    let mut progress = Progress::new(total, state.rows, opts.progress_bar);
+    let started_rows = state.rows;
+    let mapper = Mapper::new(Arc::clone(&prepared.mapping));
+    let mut copied = 0u64;
+
+    for t in &described {
+        progress.table(&t.name);
+        let mut after: Option<Vec<String>> = match &state.table {
+            Some(name) if *name == t.name => state.last_key.clone(),
+            _ => None,
+        };
+        loop {
+            let order: Vec<&str> = t.key.iter().map(|k| k.0.as_str()).collect();
+            let filter = match &after {
+                Some(key) => {
+                    let values: Vec<String> = key
+                        .iter()
+                        .zip(&t.key)
+                        .map(|(v, k)| format!("{}::{}", literal(v), k.2))
+                        .collect();
+                    format!("WHERE ({}) > ({})", order.join(", "), values.join(", "))
+                }
+                None => String::new(),
+            };
+            let sql = format!(
+                "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {}",
+                t.columns.join(", "),
+                quote_qualified(&t.name),
+                order.join(", "),
+                opts.chunk_rows
+            );
+            let messages = c
+                .simple_query(&sql)
+                .await
+                .with_context(|| format!("cannot read {}", t.name))?;
+            let mut batcher = Batcher::new();
+            let mut n = 0u64;
+            let mut last: Option<Vec<String>> = None;
+            for m in messages {
+                let SimpleQueryMessage::Row(row) = m else {
+                    continue;
+                };
+                let tuple: Vec<TupleValue> = (0..t.columns.len())
+                    .map(|i| match row.get(i) {
+                        Some(s) => TupleValue::Text(Bytes::copy_from_slice(s.as_bytes())),
+                        None => TupleValue::Null,
+                    })
+                    .collect();
+                let new = decode_row(&t.relation, &tuple)?;
+                let change = Change {
+                    relation: Arc::clone(&t.relation),
+                    op: Op::Insert,
+                    new: Some(new),
+                    old: None,
+                    old_is_full_row: false,
+                };
+                let mut ops = Vec::new();
+                mapper.map_change(&change, consistent, &mut ops)?;
+                batcher.push_transaction(vec![ops], Lsn::ZERO);
+                last = Some(
+                    t.key
+                        .iter()
+                        .map(|k| row.get(k.1).unwrap_or_default().to_string())
+                        .collect(),
+                );
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            let batch = batcher.take(&prepared.mapping);
+            state.table = Some(t.name.clone());
+            state.last_key = last.clone();
+            state.rows += n;
+            sink.apply_with(&batch, progress_query(slot, &state, consistent))
+                .await?;
+            copied += n;
+            progress.add(n, &t.name, started_rows);
+            after = last;
+            if n < opts.chunk_rows as u64 {
+                break;
+            }
+        }
+        state.tables_done.push(t.name.clone());
+        state.table = None;
+        state.last_key = None;
+        sink.apply_with(
+            &Batcher::new().take(&prepared.mapping),
+            progress_query(slot, &state, consistent),
+        )
+        .await?;
+    }
+    state.done = true;
+    sink.apply_with(
+        &Batcher::new().take(&prepared.mapping),
+        progress_query(slot, &state, consistent),
+    )
+    .await?;
+    progress.finish();
+    let _ = c.batch_execute("COMMIT").await;
+    Ok(SnapshotReport {
+        rows: copied,
+        resumed,
+        consistent_lsn: consistent,
+        already_done: false,
+    })
+}
+
+/// Whether to draw a progress bar: stderr is a terminal.
+pub fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}
