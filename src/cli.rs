@@ -45,6 +45,20 @@ pub enum Command {
         #[arg(long)]
         restart: bool,
     },
+    /// Apply the transactions between two positions again, from WAL the
+    /// slot still holds (see postgres.replay_window_mib). Idempotent: a node
+    /// or relationship already changed by a later transaction keeps that
+    /// state. Leaves the slot and the checkpoint where they are. Stop
+    /// `walgraph run` first.
+    Replay {
+        /// Apply transactions that end after this position (like 0/16B3748).
+        #[arg(long, value_parser = parse_lsn)]
+        from: crate::lsn::Lsn,
+        /// ...and at or before this one (default: the checkpoint, i.e. what
+        /// the graph already holds).
+        #[arg(long, value_parser = parse_lsn)]
+        to: Option<crate::lsn::Lsn>,
+    },
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
     Run {
         /// Benchmarks only: decode, map and batch, then drop the batches
@@ -133,6 +147,30 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { null_sink } => run(&cfg, null_sink).await,
+        Command::Replay { from, to } => {
+            let to = match to {
+                Some(to) => to,
+                None => Sink::connect(&cfg.neo4j, &cfg.postgres.slot)
+                    .await?
+                    .read_checkpoint()
+                    .await?
+                    .map(|c| c.lsn)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "there is no checkpoint for slot {} yet, so nothing to replay up to; give --to",
+                            cfg.postgres.slot
+                        )
+                    })?,
+            };
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                let _ = tx.send(true);
+            });
+            let n = pipeline::replay(&cfg, pipeline::ReplayRange { from, to }, rx).await?;
+            println!("replayed {n} changes of the transactions ending after {from} and at or before {to}");
+            Ok(())
+        }
         Command::Snapshot {
             chunk_rows,
             restart,
@@ -269,6 +307,11 @@ async fn run(cfg: &Config, null_sink: bool) -> anyhow::Result<()> {
     }
     pipeline::run_with(cfg, rx, metrics, null_sink).await?;
     Ok(())
+}
+
+fn parse_lsn(s: &str) -> Result<crate::lsn::Lsn, String> {
+    s.parse::<crate::lsn::Lsn>()
+        .map_err(|e| format!("{e} (an LSN looks like 0/16B3748)"))
 }
 
 async fn wait_for_signal() {

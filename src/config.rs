@@ -89,6 +89,11 @@ pub struct PostgresConfig {
     /// Where spill files go (default: the system's temporary directory).
     #[serde(default)]
     pub spill_dir: Option<PathBuf>,
+    /// MiB of WAL to keep behind the checkpoint for `walgraph replay`: the
+    /// position confirmed to Postgres stays this far behind what Neo4j has,
+    /// so Postgres keeps that much more WAL on disk (default 0: none).
+    #[serde(default)]
+    pub replay_window_mib: u64,
 }
 
 impl PostgresConfig {
@@ -119,6 +124,7 @@ impl Default for PostgresConfig {
             streaming: true,
             stream_memory_mib: default_stream_memory_mib(),
             spill_dir: None,
+            replay_window_mib: 0,
         }
     }
 }

@@ -258,7 +258,7 @@ pub async fn run_with(
     attempt = 0;
     loop {
         let started = Instant::now();
-        let result = stream_once(cfg, &prepared, &mut shutdown, &metrics).await;
+        let result = stream_once(cfg, &prepared, &mut shutdown, &metrics, None).await;
         metrics.ready.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
@@ -277,6 +277,54 @@ pub async fn run_with(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The part of the stream `walgraph replay` applies again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayRange {
+    /// Transactions that end after this position are applied...
+    pub from: Lsn,
+    /// ...up to those that end at or before this one.
+    pub to: Lsn,
+}
+
+/// Applies the retained transactions in `range` again (idempotent by the
+/// `_lsn` guard), leaving the slot and the checkpoint where they are.
+/// Refuses when the slot is in use or no longer retains `range.from`.
+pub async fn replay(
+    cfg: &Config,
+    range: ReplayRange,
+    mut shutdown: Shutdown,
+) -> Result<u64, RunError> {
+    let prepared = prepare(cfg).await?;
+    let pg = PgClient::connect(&prepared.info).await?;
+    let slot = &cfg.postgres.slot;
+    let info = pg.slot(slot).await?.ok_or_else(|| {
+        RunError::NotReady(format!(
+            "replication slot {slot} does not exist; run `walgraph setup` first"
+        ))
+    })?;
+    if info.active {
+        return Err(RunError::NotReady(format!(
+            "replication slot {slot} is in use (is `walgraph run` running?); stop it before replaying"
+        )));
+    }
+    let oldest = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+    if range.from < oldest {
+        return Err(RunError::NotReady(format!(
+            "replication slot {slot} no longer holds the WAL at {}; the oldest position it can replay from is {oldest} (set postgres.replay_window_mib to keep a window for replays)",
+            range.from
+        )));
+    }
+    if range.to < range.from {
+        return Err(RunError::NotReady(format!(
+            "--to {} is before --from {}",
+            range.to, range.from
+        )));
+    }
+    let metrics = Arc::new(Metrics::default());
+    stream_once(cfg, &prepared, &mut shutdown, &metrics, Some(range)).await?;
+    Ok(metrics.changes.load(Ordering::Relaxed))
 }
 
 /// What the sink task reports.
@@ -379,11 +427,22 @@ async fn stream_once(
     p: &Prepared,
     shutdown: &mut Shutdown,
     metrics: &Arc<Metrics>,
+    replay: Option<ReplayRange>,
 ) -> Result<(), RunError> {
-    let checkpoint = match &p.sink {
-        Some(sink) => sink.read_checkpoint().await?.unwrap_or_default(),
-        None => Checkpoint::default(),
+    let checkpoint = match (&p.sink, replay) {
+        (_, Some(r)) => Checkpoint::at(r.from),
+        (Some(sink), None) => sink.read_checkpoint().await?.unwrap_or_default(),
+        (None, None) => Checkpoint::default(),
     };
+    // What Postgres is told: nothing during a replay (the slot stays where
+    // it is), else the checkpoint less the replay window.
+    let window = cfg.postgres.replay_window_mib.saturating_mul(1 << 20);
+    let report = |flushed: Lsn| match replay {
+        Some(_) => Lsn::ZERO,
+        None => Lsn::new(flushed.raw().saturating_sub(window)),
+    };
+    let limit = replay.map(|r| r.to);
+    let mut past_end = false;
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
     let proto_version = stream
@@ -459,7 +518,7 @@ async fn stream_once(
                     metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
                     record_latency(metrics, &b.commits);
                     tracing::debug!(checkpoint = %b.checkpoint(), changes = b.changes, transactions = b.transactions, "batch committed");
-                    stream.send_status(flushed, false).await?;
+                    stream.send_status(report(flushed), false).await?;
                 }
                 Some(SinkEvent::Failed(e)) => break Err(e.into()),
                 None => break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into())),
@@ -467,8 +526,8 @@ async fn stream_once(
             // 3. Regular status (even while a huge transaction is taken
             //    apart), and the idle checkpoint advance.
             _ = status.tick() => {
-                stream.send_status(flushed, false).await?;
-                let idle = assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
+                stream.send_status(report(flushed), false).await?;
+                let idle = replay.is_none() && assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
                 if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
                     let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0, commits: Vec::new() };
@@ -498,7 +557,10 @@ async fn stream_once(
                     let part = assembler.next_part().map_err(|source| RunError::Stream { lsn: wal_start, source })?;
                     let Some(part) = part else { break };
                     let was_empty = batcher.is_empty();
-                    take_part(part, &checkpoint, &mut open, &mapper, &mut batcher)?;
+                    if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher)? {
+                        past_end = true;
+                        break;
+                    }
                     if was_empty && !batcher.is_empty() {
                         deadline = Some(Instant::now() + cfg.batch.max_delay);
                     }
@@ -515,13 +577,21 @@ async fn stream_once(
                 ReplicationEvent::Keepalive { wal_end, reply_requested } => {
                     server_wal_end = server_wal_end.max(wal_end);
                     metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
+                    // A replay whose end the server has decoded past, with
+                    // everything it sent taken: nothing more is coming.
+                    if limit.is_some_and(|to| wal_end >= to) && assembler.is_idle() && open.is_none() {
+                        past_end = true;
+                    }
                     if reply_requested {
-                        stream.send_status(flushed, false).await?;
+                        stream.send_status(report(flushed), false).await?;
                     }
                 }
                 ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
             },
+        }
+        if past_end {
+            break Ok(());
         }
         // A full batch waits for the sink; send it as soon as it is free.
         if in_flight.is_none() && batcher.changes() >= max_changes {
@@ -530,6 +600,41 @@ async fn stream_once(
         }
     };
 
+    if past_end && result.is_ok() {
+        // A replay that reached its end: write what is left, and wait.
+        if in_flight.is_some() {
+            match event_rx.recv().await {
+                Some(SinkEvent::Committed(b)) => {
+                    in_flight = None;
+                    metrics
+                        .changes
+                        .fetch_add(b.changes as u64, Ordering::Relaxed);
+                }
+                Some(SinkEvent::Failed(e)) => return Err(e.into()),
+                None => {
+                    return Err(RunError::NotReady(
+                        "the Neo4j writer stopped unexpectedly".into(),
+                    ))
+                }
+            }
+        }
+        if !batcher.is_empty() {
+            dispatch(&mut batcher, &p.mapping, &batch_tx).await?;
+            match event_rx.recv().await {
+                Some(SinkEvent::Committed(b)) => {
+                    metrics
+                        .changes
+                        .fetch_add(b.changes as u64, Ordering::Relaxed);
+                }
+                Some(SinkEvent::Failed(e)) => return Err(e.into()),
+                None => {
+                    return Err(RunError::NotReady(
+                        "the Neo4j writer stopped unexpectedly".into(),
+                    ))
+                }
+            }
+        }
+    }
     // Let the in-flight batch finish (briefly), then confirm what committed.
     drop(batch_tx);
     if in_flight.is_some() {
@@ -539,7 +644,7 @@ async fn stream_once(
         }
     }
     if result.is_ok() {
-        stream.finish(flushed).await?;
+        stream.finish(report(flushed)).await?;
         tracing::info!(flushed = %flushed, "stopped");
     }
     result
@@ -575,11 +680,13 @@ struct OpenTxn {
 fn take_part(
     part: TxnPart,
     checkpoint: &Checkpoint,
+    limit: Option<Lsn>,
     open: &mut Option<OpenTxn>,
     mapper: &Mapper,
     batcher: &mut Batcher,
-) -> Result<(), RunError> {
+) -> Result<bool, RunError> {
     match part {
+        TxnPart::Begin(h) if limit.is_some_and(|to| h.end_lsn > to) => return Ok(true),
         TxnPart::Begin(h) => {
             let applied = checkpoint.applied_changes(h.end_lsn);
             match applied {
@@ -604,7 +711,7 @@ fn take_part(
             })?;
             t.index += 1;
             if t.applied.is_none_or(|n| t.index <= n) {
-                return Ok(());
+                return Ok(false);
             }
             let mut ops = Vec::new();
             mapper.map_change(&c, t.commit_lsn, &mut ops)?;
@@ -620,7 +727,7 @@ fn take_part(
             }
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 async fn dispatch(

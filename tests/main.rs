@@ -15,4 +15,5 @@ mod end_to_end;
 mod large;
 mod oracle;
 mod outages;
+mod replay;
 mod snapshot;

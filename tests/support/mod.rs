@@ -406,15 +406,48 @@ impl Fixture {
                 self.config.postgres.publication, self.schema
             ))
             .await;
-        let prefix = self.prefix.clone();
+        // Label by label and in slices: one transaction deleting a million
+        // nodes would exhaust Neo4j's heap.
+        let labels: Vec<String> = match self
+            .graph
+            .execute(
+                query("CALL db.labels() YIELD label WHERE label STARTS WITH $p RETURN collect(label) AS l")
+                    .param("p", self.prefix.clone()),
+            )
+            .await
+        {
+            Ok(mut rows) => match rows.next().await {
+                Ok(Some(r)) => r.get("l").unwrap_or_default(),
+                _ => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        };
+        for label in labels {
+            loop {
+                let deleted = match self
+                    .graph
+                    .execute(query(&format!(
+                        "MATCH (n:`{label}`) WITH n LIMIT 20000 DETACH DELETE n RETURN count(*) AS n"
+                    )))
+                    .await
+                {
+                    Ok(mut rows) => match rows.next().await {
+                        Ok(Some(r)) => r.get::<i64>("n").unwrap_or(0),
+                        _ => 0,
+                    },
+                    Err(_) => 0,
+                };
+                if deleted == 0 {
+                    break;
+                }
+            }
+        }
         let _ = self
             .graph
             .run(
                 query(
-                    "MATCH (n) WHERE any(l IN labels(n) WHERE l STARTS WITH $p) \
-                     OR ((n:WalgraphCheckpoint OR n:WalgraphSnapshot) AND n.slot = $slot) DETACH DELETE n",
+                    "MATCH (n) WHERE (n:WalgraphCheckpoint OR n:WalgraphSnapshot) AND n.slot = $slot DETACH DELETE n",
                 )
-                .param("p", prefix)
                 .param("slot", slot.as_str()),
             )
             .await;
