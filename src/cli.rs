@@ -59,6 +59,26 @@ pub enum Command {
         #[arg(long, value_parser = parse_lsn)]
         to: Option<crate::lsn::Lsn>,
     },
+    /// Compare the rows of the mapped node tables with their nodes (missing,
+    /// extra, changed properties or foreign-key relationships), in key
+    /// order and chunks; with --repair, fix the graph from Postgres.
+    Reconcile {
+        /// Only report (the default).
+        #[arg(long, conflicts_with = "repair")]
+        dry_run: bool,
+        /// Fix the differences in the graph.
+        #[arg(long)]
+        repair: bool,
+        /// Only this table (schema-qualified, as in the mapping).
+        #[arg(long)]
+        table: Option<String>,
+        /// Rows compared per chunk.
+        #[arg(long, default_value_t = 5_000)]
+        chunk_rows: usize,
+        /// Print JSON for scripts instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
     Run {
         /// Benchmarks only: decode, map and batch, then drop the batches
@@ -147,6 +167,32 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { null_sink } => run(&cfg, null_sink).await,
+        Command::Reconcile {
+            dry_run: _,
+            repair,
+            table,
+            chunk_rows,
+            json,
+        } => {
+            let opts = crate::reconcile::ReconcileOptions {
+                table,
+                repair,
+                chunk_rows: chunk_rows.max(1),
+            };
+            let reports = crate::reconcile::reconcile(&cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", crate::reconcile::render(&reports));
+            }
+            let differ = reports.iter().filter(|r| r.differs()).count();
+            if differ > 0 && !repair {
+                anyhow::bail!(
+                    "{differ} table(s) differ from Postgres; run `walgraph reconcile --repair` to fix the graph"
+                );
+            }
+            Ok(())
+        }
         Command::Replay { from, to } => {
             let to = match to {
                 Some(to) => to,

@@ -43,6 +43,11 @@ use crate::sink::Sink;
 use crate::source::ReplicationStream;
 use crate::transactions::{Change, Op};
 
+/// Output formats the decoder reads values in (as the replication
+/// connection sets them), for the current transaction.
+pub(crate) const TEXT_FORMATS: &str = "SET LOCAL DateStyle = ISO; SET LOCAL TimeZone = 'UTC'; \
+     SET LOCAL IntervalStyle = iso_8601; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = hex;";
+
 /// The progress record's label.
 pub const LABEL: &str = "WalgraphSnapshot";
 
@@ -130,13 +135,74 @@ fn progress_query(slot: &str, state: &SnapshotState, lsn: Lsn) -> Query {
 }
 
 /// One mapped table as the copy reads it.
-struct Table {
-    name: String,
+pub(crate) struct Table {
+    pub(crate) name: String,
     /// `SELECT` list, quoted, in column order.
-    columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
     /// Key columns to order and resume by: (quoted name, position, SQL type).
-    key: Vec<(String, usize, String)>,
-    relation: Arc<crate::decode::Relation>,
+    pub(crate) key: Vec<(String, usize, String)>,
+    pub(crate) relation: Arc<crate::decode::Relation>,
+}
+
+/// Reads up to `limit` rows of `t` after the key `after` (text values), in
+/// key order, as insert changes with their keys as text.
+pub(crate) async fn read_chunk(
+    c: &tokio_postgres::Client,
+    t: &Table,
+    after: Option<&[String]>,
+    limit: usize,
+) -> anyhow::Result<Vec<(Change, Vec<String>)>> {
+    let order: Vec<&str> = t.key.iter().map(|k| k.0.as_str()).collect();
+    let filter = match after {
+        Some(key) => {
+            let values: Vec<String> = key
+                .iter()
+                .zip(&t.key)
+                .map(|(v, k)| format!("{}::{}", literal(v), k.2))
+                .collect();
+            format!("WHERE ({}) > ({})", order.join(", "), values.join(", "))
+        }
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
+        t.columns.join(", "),
+        quote_qualified(&t.name),
+        order.join(", "),
+    );
+    let messages = c
+        .simple_query(&sql)
+        .await
+        .with_context(|| format!("cannot read {}", t.name))?;
+    let mut out = Vec::new();
+    for m in messages {
+        let SimpleQueryMessage::Row(row) = m else {
+            continue;
+        };
+        let tuple: Vec<TupleValue> = (0..t.columns.len())
+            .map(|i| match row.get(i) {
+                Some(s) => TupleValue::Text(Bytes::copy_from_slice(s.as_bytes())),
+                None => TupleValue::Null,
+            })
+            .collect();
+        let new = decode_row(&t.relation, &tuple)?;
+        let key = t
+            .key
+            .iter()
+            .map(|k| row.get(k.1).unwrap_or_default().to_string())
+            .collect();
+        out.push((
+            Change {
+                relation: Arc::clone(&t.relation),
+                op: Op::Insert,
+                new: Some(new),
+                old: None,
+                old_is_full_row: false,
+            },
+            key,
+        ));
+    }
+    Ok(out)
 }
 
 /// The mapped tables in copy order: node tables first (relationships from
@@ -157,7 +223,7 @@ fn table_order(mapping: &Mapping) -> Vec<String> {
     nodes
 }
 
-async fn describe_table(
+pub(crate) async fn describe_table(
     pg: &tokio_postgres::Client,
     name: &str,
     primary_key: &[String],
@@ -222,7 +288,7 @@ async fn describe_table(
     })
 }
 
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
@@ -360,9 +426,7 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     let c = reader.client();
     c.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-         SET TRANSACTION SNAPSHOT {};
-         SET LOCAL DateStyle = ISO; SET LOCAL TimeZone = 'UTC'; SET LOCAL IntervalStyle = iso_8601;
-         SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = hex;",
+         SET TRANSACTION SNAPSHOT {}; {TEXT_FORMATS}",
         literal(&snapshot_name)
     ))
     .await
@@ -407,60 +471,14 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
             _ => None,
         };
         loop {
-            let order: Vec<&str> = t.key.iter().map(|k| k.0.as_str()).collect();
-            let filter = match &after {
-                Some(key) => {
-                    let values: Vec<String> = key
-                        .iter()
-                        .zip(&t.key)
-                        .map(|(v, k)| format!("{}::{}", literal(v), k.2))
-                        .collect();
-                    format!("WHERE ({}) > ({})", order.join(", "), values.join(", "))
-                }
-                None => String::new(),
-            };
-            let sql = format!(
-                "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {}",
-                t.columns.join(", "),
-                quote_qualified(&t.name),
-                order.join(", "),
-                opts.chunk_rows
-            );
-            let messages = c
-                .simple_query(&sql)
-                .await
-                .with_context(|| format!("cannot read {}", t.name))?;
+            let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
             let mut batcher = Batcher::new();
-            let mut n = 0u64;
-            let mut last: Option<Vec<String>> = None;
-            for m in messages {
-                let SimpleQueryMessage::Row(row) = m else {
-                    continue;
-                };
-                let tuple: Vec<TupleValue> = (0..t.columns.len())
-                    .map(|i| match row.get(i) {
-                        Some(s) => TupleValue::Text(Bytes::copy_from_slice(s.as_bytes())),
-                        None => TupleValue::Null,
-                    })
-                    .collect();
-                let new = decode_row(&t.relation, &tuple)?;
-                let change = Change {
-                    relation: Arc::clone(&t.relation),
-                    op: Op::Insert,
-                    new: Some(new),
-                    old: None,
-                    old_is_full_row: false,
-                };
+            let n = rows.len() as u64;
+            let last = rows.last().map(|r| r.1.clone());
+            for (change, _) in rows {
                 let mut ops = Vec::new();
                 mapper.map_change(&change, consistent, &mut ops)?;
                 batcher.push_transaction(vec![ops], Lsn::ZERO);
-                last = Some(
-                    t.key
-                        .iter()
-                        .map(|k| row.get(k.1).unwrap_or_default().to_string())
-                        .collect(),
-                );
-                n += 1;
             }
             if n == 0 {
                 break;

@@ -15,5 +15,6 @@ mod end_to_end;
 mod large;
 mod oracle;
 mod outages;
+mod reconcile;
 mod replay;
 mod snapshot;
