@@ -11,9 +11,25 @@ use crate::mapping::quote;
 use crate::sink::Sink;
 use crate::source::ConnInfo;
 
+/// The running `walgraph run`, as its `/metrics` tell (when `[http]
+/// listen` is set and it answers).
+#[derive(Debug, Serialize)]
+pub struct Process {
+    /// Where it was asked.
+    pub address: String,
+    /// Row changes applied since it started.
+    pub changes_applied: u64,
+    /// Changes applied per second, over one second of sampling.
+    pub changes_per_sec: f64,
+    /// Commit-to-graph latency since it started, milliseconds: p50, p99, max.
+    pub latency_ms: [f64; 3],
+}
+
 /// What `status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The running process, if it serves metrics.
+    pub process: Option<Process>,
     /// Slot name.
     pub slot: String,
     /// Whether the slot exists.
@@ -58,6 +74,29 @@ pub struct Count {
     pub placeholders: i64,
 }
 
+async fn process(addr: &str) -> Option<Process> {
+    use crate::http::{metric, scrape};
+    let first = scrape(addr).await?;
+    let started = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let second = scrape(addr).await?;
+    let applied = |t: &str| metric(t, "walgraph_changes_applied_total").unwrap_or(0.0);
+    let q = |name: &str| {
+        metric(
+            &second,
+            &format!("walgraph_commit_to_graph_seconds{{quantile=\"{name}\"}}"),
+        )
+        .unwrap_or(0.0)
+            * 1000.0
+    };
+    Some(Process {
+        address: addr.to_string(),
+        changes_applied: applied(&second) as u64,
+        changes_per_sec: (applied(&second) - applied(&first)) / started.elapsed().as_secs_f64(),
+        latency_ms: [q("0.5"), q("0.99"), q("1")],
+    })
+}
+
 /// Collects the status.
 pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?;
@@ -93,6 +132,10 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         checkpoint = r.get::<i64>("lsn").ok().map(Lsn::from_i64);
         checkpoint_age_seconds = r.get::<f64>("age").ok();
     }
+    let process = match cfg.http.listen {
+        Some(addr) => process(&addr.to_string()).await,
+        None => None,
+    };
     let mut labels = Vec::new();
     let mut samples = Vec::new();
     for (label, _) in mapping.node_keys() {
@@ -172,6 +215,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         }
     }
     Ok(Status {
+        process,
         slot: cfg.postgres.slot.clone(),
         slot_exists: slot.is_some(),
         slot_active: slot.as_ref().is_some_and(|s| s.active),
@@ -228,6 +272,12 @@ pub fn render(s: &Status) -> String {
         opt(&s.wal_status),
         opt(&s.safe_wal_size)
     ));
+    if let Some(p) = &s.process {
+        out.push_str(&format!(
+            "walgraph run at {}        {} changes applied, {:.0} changes/s now, latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",
+            p.address, p.changes_applied, p.changes_per_sec, p.latency_ms[0], p.latency_ms[1], p.latency_ms[2]
+        ));
+    }
     out.push_str(&format!("checkpoint in Neo4j      {}", opt(&s.checkpoint)));
     if let Some(age) = s.checkpoint_age_seconds {
         out.push_str(&format!(" (moved {age:.1}s ago)"));

@@ -599,6 +599,24 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
         metrics.1
     );
     assert!(metrics.1.contains("walgraph_ready 1"), "{}", metrics.1);
+    assert!(
+        metrics
+            .1
+            .contains("walgraph_commit_to_graph_seconds_count 2"),
+        "{}",
+        metrics.1
+    );
+
+    // `status` reports the running process from the same endpoint.
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["--config", &config.to_string_lossy(), "status", "--json"])
+        .envs(fx.env.vars())
+        .output()
+        .await
+        .expect("walgraph status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(status["process"]["changes_applied"], json!(2), "{status}");
+    assert!(status["slot_active"].as_bool().unwrap_or(false), "{status}");
 
     // SIGTERM: finish, confirm, exit 0.
     let pid = child.id().expect("pid");

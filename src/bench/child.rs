@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub(super) use crate::http::{metric, scrape};
 
 pub(super) async fn wait_ready(
     child: &mut tokio::process::Child,
@@ -66,30 +67,6 @@ pub(super) fn proc_stats(pid: u32) -> Option<(f64, f64)> {
         .parse()
         .ok()?;
     Some(((utime + stime) / 100.0, hwm_kib / 1024.0))
-}
-
-/// GET /metrics from a child.
-pub(super) async fn scrape(addr: &str) -> Option<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some(body)
-}
-
-pub(super) fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
 }
 
 pub(super) fn find_pg_binary(name: &str) -> anyhow::Result<PathBuf> {
