@@ -190,6 +190,23 @@ async fn prepare_checks(cfg: &Config, null_sink: bool) -> Result<Prepared, RunEr
                 s.plugin
             )))
         }
+        Some(s) if s.active => {
+            // A walsender whose client just died lets go within moments;
+            // one that stays is another consumer.
+            let mut held = true;
+            for _ in 0..15 {
+                sleep(Duration::from_secs(1)).await;
+                if !pg.slot(slot).await?.is_some_and(|s| s.active) {
+                    held = false;
+                    break;
+                }
+            }
+            if held {
+                return Err(RunError::NotReady(format!(
+                    "replication slot {slot} is in use by another process (another `walgraph run`?); stop it, or give this one its own postgres.slot"
+                )));
+            }
+        }
         Some(_) => {}
     }
     if null_sink {

@@ -638,3 +638,36 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
     let _ = std::fs::remove_dir_all(&dir);
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_a_slot_in_use_stops_with_a_sentence() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let config = fx.config_file("first.toml", "", USERS_MAPPING);
+    let config = config.to_string_lossy().into_owned();
+    let mut first = fx.spawn(&["--config", &config, "run"]);
+    insert_first_user(&fx).await;
+    eventually(
+        Duration::from_secs(30),
+        "the first run streaming",
+        || async { (!graph_users(&fx).await.is_empty()).then_some(()) },
+    )
+    .await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+            .args(["--config", &config, "run"])
+            .envs(fx.env.vars())
+            .output(),
+    )
+    .await
+    .expect("the second run gives up within a minute")
+    .expect("walgraph runs");
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("is in use by another process"), "{stderr}");
+    first.start_kill().expect("stop");
+    let _ = first.wait().await;
+    fx.cleanup().await;
+}
