@@ -57,13 +57,13 @@ async fn replay_from_an_lsn_reproduces_the_graph_and_refuses_what_the_slot_no_lo
     let _shared = SERVICES.read().await;
     let fx = Fixture::new(DDL, MAPPING).await;
     fx.setup().await;
-    let config = fx.config_file("replay.toml", "replay_window_mib = 64\n", MAPPING);
+    let config = fx.config_file("replay.toml", "replay_window_mib = 4096\n", MAPPING);
     // The window belongs in [postgres]: the file starts with that section.
     let config = config.to_string_lossy().into_owned();
     let text = std::fs::read_to_string(&config).expect("config");
-    let text = text.replacen("replay_window_mib = 64\n", "", 1).replacen(
+    let text = text.replacen("replay_window_mib = 4096\n", "", 1).replacen(
         "[postgres]\n",
-        "[postgres]\nreplay_window_mib = 64\n",
+        "[postgres]\nreplay_window_mib = 4096\n",
         1,
     );
     std::fs::write(&config, text).expect("config");

@@ -159,11 +159,7 @@ async fn a_snapshot_of_a_million_rows_taken_while_writes_continue_then_streaming
 
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(&fx, 1_000_000, Arc::clone(&stop));
-    let out = run_to_end(
-        &fx,
-        &["--config", &config, "snapshot", "--chunk-rows", "20000"],
-    )
-    .await;
+    let out = run_to_end(&fx, &["--config", &config, "snapshot"]).await;
     stop.store(true, Ordering::Relaxed);
     let writes = writes.await.expect("writer");
     let stdout = String::from_utf8_lossy(&out.stdout);

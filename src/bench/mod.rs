@@ -217,18 +217,22 @@ impl Bench {
             None => Vec::new(),
         };
         for label in labels {
-            loop {
-                let mut r = g
-                    .execute(neo4rs::query(&format!(
-                        "MATCH (n:`{label}`) WITH n LIMIT 20000 DETACH DELETE n RETURN count(*) AS n"
-                    )))
-                    .await?;
-                let n: i64 = match r.next().await? {
-                    Some(row) => row.get("n").unwrap_or(0),
-                    None => 0,
-                };
-                if n == 0 {
-                    break;
+            // Relationships first, then nodes, in slices: a group node with
+            // a hundred thousand relationships in one transaction would
+            // exhaust Neo4j's heap.
+            for q in [
+                format!("MATCH (:`{label}`)-[r]-() WITH DISTINCT r LIMIT 20000 DELETE r RETURN count(*) AS n"),
+                format!("MATCH (n:`{label}`) WITH n LIMIT 20000 DETACH DELETE n RETURN count(*) AS n"),
+            ] {
+                loop {
+                    let mut r = g.execute(neo4rs::query(&q)).await?;
+                    let n: i64 = match r.next().await? {
+                        Some(row) => row.get("n").unwrap_or(0),
+                        None => 0,
+                    };
+                    if n == 0 {
+                        break;
+                    }
                 }
             }
         }

@@ -423,23 +423,13 @@ impl Fixture {
             Err(_) => Vec::new(),
         };
         for label in labels {
-            loop {
-                let deleted = match self
-                    .graph
-                    .execute(query(&format!(
-                        "MATCH (n:`{label}`) WITH n LIMIT 20000 DETACH DELETE n RETURN count(*) AS n"
-                    )))
-                    .await
-                {
-                    Ok(mut rows) => match rows.next().await {
-                        Ok(Some(r)) => r.get::<i64>("n").unwrap_or(0),
-                        _ => 0,
-                    },
-                    Err(_) => 0,
-                };
-                if deleted == 0 {
-                    break;
-                }
+            // Relationships first: a node with a hundred thousand of them
+            // would otherwise go in one transaction.
+            for q in [
+                format!("MATCH (:`{label}`)-[r]-() WITH DISTINCT r LIMIT 20000 DELETE r RETURN count(*) AS n"),
+                format!("MATCH (n:`{label}`) WITH n LIMIT 20000 DETACH DELETE n RETURN count(*) AS n"),
+            ] {
+                slices(&self.graph, &q).await;
             }
         }
         let _ = self
@@ -451,6 +441,22 @@ impl Fixture {
                 .param("slot", slot.as_str()),
             )
             .await;
+    }
+}
+
+/// Runs a deleting query returning `n` until it deletes nothing.
+async fn slices(graph: &Graph, q: &str) {
+    loop {
+        let deleted = match graph.execute(query(q)).await {
+            Ok(mut rows) => match rows.next().await {
+                Ok(Some(r)) => r.get::<i64>("n").unwrap_or(0),
+                _ => 0,
+            },
+            Err(_) => 0,
+        };
+        if deleted == 0 {
+            break;
+        }
     }
 }
 
