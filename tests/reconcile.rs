@@ -26,21 +26,6 @@ from = { label = "{p}Item", columns = ["id"] }
 to = { label = "{p}Group", columns = ["grp"] }
 "#;
 
-async fn walgraph(fx: &Fixture, args: &[&str]) -> std::process::Output {
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
-            .args(args)
-            .envs(fx.env.vars())
-            .env("WALGRAPH_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("walgraph finishes")
-    .expect("walgraph runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     let _shared = SERVICES.read().await;
@@ -67,7 +52,7 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     let config = fx.config_file("reconcile.toml", "", MAPPING);
     let config = config.to_string_lossy().into_owned();
 
-    let clean = walgraph(&fx, &["--config", &config, "reconcile"]).await;
+    let clean = fx.walgraph(&["--config", &config, "reconcile"]).await;
     assert!(
         clean.status.success(),
         "an untouched graph reconciles: {}",
@@ -86,11 +71,9 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     fx.cypher_write("MATCH (i:{p}Item {id: 11}) SET i.only_in_graph = true")
         .await;
 
-    let found = walgraph(
-        &fx,
-        &["--config", &config, "reconcile", "--json", "--dry-run"],
-    )
-    .await;
+    let found = fx
+        .walgraph(&["--config", &config, "reconcile", "--json", "--dry-run"])
+        .await;
     assert!(
         !found.status.success(),
         "differences make the exit non-zero"
@@ -110,14 +93,16 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     assert_eq!(items["changed"], json!(["7", "9"]), "{items}");
     assert!(String::from_utf8_lossy(&found.stderr).contains("--repair"));
 
-    let repaired = walgraph(&fx, &["--config", &config, "reconcile", "--repair"]).await;
+    let repaired = fx
+        .walgraph(&["--config", &config, "reconcile", "--repair"])
+        .await;
     assert!(
         repaired.status.success(),
         "{}",
         String::from_utf8_lossy(&repaired.stderr)
     );
     assert!(String::from_utf8_lossy(&repaired.stdout).contains("repaired"));
-    let after = walgraph(&fx, &["--config", &config, "reconcile"]).await;
+    let after = fx.walgraph(&["--config", &config, "reconcile"]).await;
     assert!(
         after.status.success(),
         "nothing left to repair: {}",

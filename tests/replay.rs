@@ -15,21 +15,6 @@ table = "{s}.items"
 label = "{p}Item"
 "#;
 
-async fn walgraph(fx: &Fixture, args: &[&str]) -> std::process::Output {
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
-            .args(args)
-            .envs(fx.env.vars())
-            .env("WALGRAPH_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("walgraph finishes")
-    .expect("walgraph runs")
-}
-
 async fn graph(fx: &Fixture) -> serde_json::Value {
     json!(
         fx.cypher("MATCH (i:{p}Item) RETURN i.id AS id, i.val AS val ORDER BY id")
@@ -84,11 +69,9 @@ async fn replay_from_an_lsn_reproduces_the_graph_and_refuses_what_the_slot_no_lo
     )
     .await;
 
-    let busy = walgraph(
-        &fx,
-        &["--config", &config, "replay", "--from", &from.to_string()],
-    )
-    .await;
+    let busy = fx
+        .walgraph(&["--config", &config, "replay", "--from", &from.to_string()])
+        .await;
     assert!(!busy.status.success());
     assert!(
         String::from_utf8_lossy(&busy.stderr).contains("in use"),
@@ -111,11 +94,9 @@ async fn replay_from_an_lsn_reproduces_the_graph_and_refuses_what_the_slot_no_lo
         .await;
     assert_ne!(graph(&fx).await, want);
 
-    let out = walgraph(
-        &fx,
-        &["--config", &config, "replay", "--from", &from.to_string()],
-    )
-    .await;
+    let out = fx
+        .walgraph(&["--config", &config, "replay", "--from", &from.to_string()])
+        .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -132,7 +113,9 @@ async fn replay_from_an_lsn_reproduces_the_graph_and_refuses_what_the_slot_no_lo
     assert_eq!(fx.confirmed_flush().await, confirmed, "slot unchanged");
 
     // Before what the slot holds: refused, naming the oldest position.
-    let early = walgraph(&fx, &["--config", &config, "replay", "--from", "0/1"]).await;
+    let early = fx
+        .walgraph(&["--config", &config, "replay", "--from", "0/1"])
+        .await;
     let stderr = String::from_utf8_lossy(&early.stderr);
     assert!(!early.status.success());
     assert!(
@@ -140,7 +123,9 @@ async fn replay_from_an_lsn_reproduces_the_graph_and_refuses_what_the_slot_no_lo
         "{stderr}"
     );
     // A malformed LSN is a usage error.
-    let bad = walgraph(&fx, &["--config", &config, "replay", "--from", "nonsense"]).await;
+    let bad = fx
+        .walgraph(&["--config", &config, "replay", "--from", "nonsense"])
+        .await;
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("an LSN looks like"));
     fx.cleanup().await;

@@ -122,18 +122,6 @@ fn writer(fx: &Fixture, first_new: i64, stop: Arc<AtomicBool>) -> tokio::task::J
     })
 }
 
-async fn run_to_end(fx: &Fixture, args: &[&str]) -> std::process::Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"));
-    cmd.args(args)
-        .envs(fx.env.vars())
-        .env("WALGRAPH_LOG", "warn")
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(600), cmd.output())
-        .await
-        .expect("walgraph finishes within 10 minutes")
-        .expect("walgraph runs")
-}
-
 async fn stream_until_equal(fx: &Fixture, config: &str) {
     let mut run = fx.spawn(&["--config", config, "run"]);
     let want = pg_state(fx).await;
@@ -159,7 +147,7 @@ async fn a_snapshot_of_a_million_rows_taken_while_writes_continue_then_streaming
 
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(&fx, 1_000_000, Arc::clone(&stop));
-    let out = run_to_end(&fx, &["--config", &config, "snapshot"]).await;
+    let out = fx.walgraph(&["--config", &config, "snapshot"]).await;
     stop.store(true, Ordering::Relaxed);
     let writes = writes.await.expect("writer");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -172,7 +160,7 @@ async fn a_snapshot_of_a_million_rows_taken_while_writes_continue_then_streaming
     assert!(writes > 0, "writes went on during the snapshot");
 
     // Running it again has nothing to do.
-    let again = run_to_end(&fx, &["--config", &config, "snapshot"]).await;
+    let again = fx.walgraph(&["--config", &config, "snapshot"]).await;
     assert!(String::from_utf8_lossy(&again.stdout).contains("already complete"));
 
     stream_until_equal(&fx, &config).await;
@@ -214,7 +202,7 @@ async fn an_interrupted_snapshot_resumes_where_it_stopped_and_ends_the_same() {
     );
 
     // `run` refuses until the snapshot is finished.
-    let refused = run_to_end(&fx, &["--config", &config, "run"]).await;
+    let refused = fx.walgraph(&["--config", &config, "run"]).await;
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("not finished"),
@@ -231,11 +219,9 @@ async fn an_interrupted_snapshot_resumes_where_it_stopped_and_ends_the_same() {
          INSERT INTO {s}.members VALUES (5, 50, 1) ON CONFLICT DO NOTHING;",
     )
     .await;
-    let out = run_to_end(
-        &fx,
-        &["--config", &config, "snapshot", "--chunk-rows", "1000"],
-    )
-    .await;
+    let out = fx
+        .walgraph(&["--config", &config, "snapshot", "--chunk-rows", "1000"])
+        .await;
     assert!(
         out.status.success(),
         "resumed snapshot failed: {}",

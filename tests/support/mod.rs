@@ -278,6 +278,23 @@ impl Fixture {
         path
     }
 
+    /// Runs `walgraph <args…>` to the end (at most 10 minutes) with this
+    /// fixture's connection settings and returns what it printed.
+    pub async fn walgraph(&self, args: &[&str]) -> std::process::Output {
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+                .args(args)
+                .envs(self.env.vars())
+                .env("WALGRAPH_LOG", "warn")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("walgraph finishes within 10 minutes")
+        .expect("walgraph runs")
+    }
+
     /// Starts `walgraph <args…>` as a child process with this fixture's
     /// connection settings; it is killed when dropped.
     pub fn spawn(&self, args: &[&str]) -> tokio::process::Child {
