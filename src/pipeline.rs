@@ -127,7 +127,7 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
 
 /// As [`prepare`]; with `null_sink`, Neo4j is neither contacted nor written.
 pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
-    let p = prepare_checks(cfg, null_sink).await?;
+    let p = prepare_checks(cfg, null_sink, true).await?;
     if let Some(sink) = &p.sink {
         let state = crate::snapshot::read_state(sink, &cfg.postgres.slot)
             .await
@@ -147,10 +147,20 @@ pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, Run
 /// The checks of [`prepare`] without the one for an unfinished snapshot
 /// (for `walgraph snapshot` itself).
 pub async fn prepare_for_snapshot(cfg: &Config) -> Result<Prepared, RunError> {
-    prepare_checks(cfg, false).await
+    prepare_checks(cfg, false, true).await
 }
 
-async fn prepare_checks(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
+/// The checks of [`prepare`] for commands that only read the slot's state
+/// and may run beside `walgraph run` (`reconcile`).
+pub async fn prepare_beside_run(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_checks(cfg, false, false).await
+}
+
+async fn prepare_checks(
+    cfg: &Config,
+    null_sink: bool,
+    slot_must_be_free: bool,
+) -> Result<Prepared, RunError> {
     let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
         .map_err(|e| RunError::NotReady(e.to_string()))?;
     let pg = PgClient::connect(&info).await?;
@@ -190,7 +200,7 @@ async fn prepare_checks(cfg: &Config, null_sink: bool) -> Result<Prepared, RunEr
                 s.plugin
             )))
         }
-        Some(s) if s.active => {
+        Some(s) if s.active && slot_must_be_free => {
             // A walsender whose client just died lets go within moments;
             // one that stays is another consumer.
             let mut held = true;

@@ -89,7 +89,7 @@ fn note(list: &mut Vec<String>, count: &mut u64, key: String) {
 
 /// Compares (and with `repair`, fixes) every mapped node table.
 pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<Vec<TableReport>> {
-    let prepared = pipeline::prepare_for_snapshot(cfg).await?;
+    let prepared = pipeline::prepare_beside_run(cfg).await?;
     let sink = prepared.sink.as_ref().context("no Neo4j connection")?;
     let mapping = Arc::clone(&prepared.mapping);
     let mut tables: Vec<String> = mapping

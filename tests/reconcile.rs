@@ -93,6 +93,8 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     assert_eq!(items["changed"], json!(["7", "9"]), "{items}");
     assert!(String::from_utf8_lossy(&found.stderr).contains("--repair"));
 
+    // Repair works beside a running walgraph.
+    let beside = fx.start();
     let repaired = fx
         .walgraph(&["--config", &config, "reconcile", "--repair"])
         .await;
@@ -102,6 +104,7 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
         String::from_utf8_lossy(&repaired.stderr)
     );
     assert!(String::from_utf8_lossy(&repaired.stdout).contains("repaired"));
+    beside.stop().await;
     let after = fx.walgraph(&["--config", &config, "reconcile"]).await;
     assert!(
         after.status.success(),
