@@ -316,8 +316,25 @@ impl Sink {
     }
 
     /// Applies a batch's statements and then `extra`, in one transaction,
-    /// without touching the checkpoint (the snapshot's chunks).
+    /// without touching the checkpoint (the snapshot's chunks, reconcile's
+    /// repairs). Transient failures are retried with backoff, a few times:
+    /// the statements are idempotent and `extra` commits with them.
     pub async fn apply_with(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.apply_with_once(batch, extra.clone()).await {
+                Err(e) if e.is_transient() && attempt < 5 => {
+                    let wait = crate::pipeline::backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, retry_in = ?wait, "neo4j write failed, retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_with_once(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
         self.disable_nagle();
         self.timed("writing a batch", async {
             let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
