@@ -338,6 +338,11 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Single-quotes a string literal (standard_conforming_strings on).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// Quotes `schema.table` part by part.
 pub fn quote_qualified(t: &str) -> String {
     match t.split_once('.') {

@@ -22,7 +22,7 @@ use neo4rs::{query, BoltList, BoltMap, BoltType};
 use serde::Serialize;
 
 use crate::batch::Batcher;
-use crate::catalog::{quote_qualified, PgClient};
+use crate::catalog::{quote_literal, quote_qualified, PgClient};
 use crate::config::Config;
 use crate::cypher::to_bolt;
 use crate::decode::Value;
@@ -31,7 +31,7 @@ use crate::map::{GraphOp, Mapper, NodeRef};
 use crate::mapping::{quote, Mapping};
 use crate::pipeline;
 use crate::sink::Sink;
-use crate::snapshot::{describe_table, literal, read_chunk, TEXT_FORMATS};
+use crate::snapshot::{describe_table, read_chunk, TEXT_FORMATS};
 
 /// How to reconcile.
 #[derive(Debug, Clone)]
@@ -422,7 +422,11 @@ async fn rows_present(
                 .iter()
                 .zip(&t.key)
                 .map(|(v, col)| {
-                    format!("{}::{}", literal(&key_text(std::slice::from_ref(v))), col.2)
+                    format!(
+                        "{}::{}",
+                        quote_literal(&key_text(std::slice::from_ref(v))),
+                        col.2
+                    )
                 })
                 .collect();
             format!("({})", vals.join(", "))

@@ -31,7 +31,7 @@ use neo4rs::{query, Query};
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::batch::Batcher;
-use crate::catalog::{quote_ident, quote_qualified, PgClient};
+use crate::catalog::{quote_ident, quote_literal, quote_qualified, PgClient};
 use crate::config::Config;
 use crate::decode::message::{RelationBody, RelationColumn, TupleValue};
 use crate::decode::{decode_row, RelationCache};
@@ -158,7 +158,7 @@ pub(crate) async fn read_chunk(
             let values: Vec<String> = key
                 .iter()
                 .zip(&t.key)
-                .map(|(v, k)| format!("{}::{}", literal(v), k.2))
+                .map(|(v, k)| format!("{}::{}", quote_literal(v), k.2))
                 .collect();
             format!("WHERE ({}) > ({})", order.join(", "), values.join(", "))
         }
@@ -286,10 +286,6 @@ pub(crate) async fn describe_table(
         key,
         relation,
     })
-}
-
-pub(crate) fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Reports progress on a terminal (a bar) or in the log.
@@ -427,7 +423,7 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     c.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
          SET TRANSACTION SNAPSHOT {}; {TEXT_FORMATS}",
-        literal(&snapshot_name)
+        quote_literal(&snapshot_name)
     ))
     .await
     .context("cannot read under the exported snapshot")?;

@@ -608,12 +608,9 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
     );
 
     // `status` reports the running process from the same endpoint.
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
-        .args(["--config", &config.to_string_lossy(), "status", "--json"])
-        .envs(fx.env.vars())
-        .output()
-        .await
-        .expect("walgraph status");
+    let status = fx
+        .walgraph(&["--config", &config.to_string_lossy(), "status", "--json"])
+        .await;
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     assert_eq!(status["process"]["changes_applied"], json!(2), "{status}");
     assert!(status["slot_active"].as_bool().unwrap_or(false), "{status}");

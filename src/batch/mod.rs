@@ -672,11 +672,6 @@ impl Batcher {
         self.changes
     }
 
-    /// End LSN of the last transaction added.
-    pub fn end_lsn(&self) -> Lsn {
-        self.end_lsn
-    }
-
     /// Adds one whole transaction: the operations of each of its changes.
     pub fn push_transaction(&mut self, changes: Vec<Vec<GraphOp>>, end_lsn: Lsn) {
         debug_assert!(

@@ -26,6 +26,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use conninfo::ConnInfo;
 use wire::{ServerError, Wire};
 
+use crate::catalog::{quote_ident, quote_literal};
 use crate::lsn::Lsn;
 
 /// Why the source failed, split by what the caller should do.
@@ -187,14 +188,6 @@ pub struct ReplicationStream {
     streaming: bool,
     wal_sender_timeout: Option<Duration>,
     last_written: Lsn,
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 impl ReplicationStream {
