@@ -203,9 +203,15 @@ impl Sink {
         // Each round trip is bounded by the driver's timeout; this bounds the
         // whole operation so a stuck server cannot hang walgraph.
         let limit = self.timeout * 4;
-        tokio::time::timeout(limit, f)
-            .await
-            .map_err(|_| SinkError::Transient(format!("{what} did not finish within {limit:?}")))?
+        match tokio::time::timeout(limit, f).await {
+            Err(_) => Err(SinkError::Transient(format!(
+                "{what} did not finish within {limit:?}"
+            ))),
+            // Name the step: "connection timed out" alone does not say
+            // whether connecting, a schema statement or a write was slow.
+            Ok(Err(SinkError::Transient(m))) => Err(SinkError::Transient(format!("{m} ({what})"))),
+            Ok(other) => other,
+        }
     }
 
     /// Runs `RETURN 1`.
@@ -320,18 +326,10 @@ impl Sink {
     /// repairs). Transient failures are retried with backoff, a few times:
     /// the statements are idempotent and `extra` commits with them.
     pub async fn apply_with(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
-        let mut attempt = 0u32;
-        loop {
-            match self.apply_with_once(batch, extra.clone()).await {
-                Err(e) if e.is_transient() && attempt < 5 => {
-                    let wait = crate::pipeline::backoff(attempt);
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, retry_in = ?wait, "neo4j write failed, retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                other => return other,
-            }
-        }
+        retry_transient("neo4j write failed, retrying", || {
+            self.apply_with_once(batch, extra.clone())
+        })
+        .await
     }
 
     async fn apply_with_once(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
@@ -393,32 +391,56 @@ impl Sink {
 
     /// Creates the uniqueness constraints the mapping needs (and the
     /// checkpoint's); returns the statements that created something.
+    /// Transient failures are retried a few times with backoff (every step
+    /// is idempotent).
     pub async fn ensure_schema(&self, mapping: &Mapping) -> Result<Vec<String>, SinkError> {
-        let mut wanted = vec![format!(
-            "CREATE CONSTRAINT {} IF NOT EXISTS FOR (c:{}) REQUIRE c.slot IS UNIQUE",
-            quote("walgraph_checkpoint_slot"),
-            quote(checkpoint::LABEL)
+        retry_transient("creating the Neo4j schema failed, retrying", || {
+            self.ensure_schema_once(mapping)
+        })
+        .await
+    }
+
+    async fn ensure_schema_once(&self, mapping: &Mapping) -> Result<Vec<String>, SinkError> {
+        let checkpoint_name = "walgraph_checkpoint_slot".to_string();
+        let mut wanted = vec![(
+            checkpoint_name.clone(),
+            format!(
+                "CREATE CONSTRAINT {} IF NOT EXISTS FOR (c:{}) REQUIRE c.slot IS UNIQUE",
+                quote(&checkpoint_name),
+                quote(checkpoint::LABEL)
+            ),
         )];
         for (label, props) in mapping.node_keys() {
+            let name = format!("walgraph_{label}_key");
             let cols: Vec<String> = props.iter().map(|p| format!("n.{}", quote(p))).collect();
-            wanted.push(format!(
+            let q = format!(
                 "CREATE CONSTRAINT {} IF NOT EXISTS FOR (n:{}) REQUIRE ({}) IS UNIQUE",
-                quote(&format!("walgraph_{label}_key")),
+                quote(&name),
                 quote(&label),
                 cols.join(", ")
-            ));
+            );
+            wanted.push((name, q));
         }
         for (rel_type, cols) in mapping.edge_keys() {
+            let name = format!("walgraph_{rel_type}_key");
             let cols: Vec<String> = cols.iter().map(|p| format!("r.{}", quote(p))).collect();
-            wanted.push(format!(
+            let q = format!(
                 "CREATE INDEX {} IF NOT EXISTS FOR ()-[r:{}]-() ON ({})",
-                quote(&format!("walgraph_{rel_type}_key")),
+                quote(&name),
                 quote(&rel_type),
                 cols.join(", ")
-            ));
+            );
+            wanted.push((name, q));
         }
+        // Statements for what exists already are skipped: a schema statement
+        // takes schema locks even when `IF NOT EXISTS` makes it a no-op.
         let before = self.schema_names().await?;
-        for q in &wanted {
+        let mut ours = Vec::new();
+        for (name, q) in &wanted {
+            ours.push(name.clone());
+            if before.contains(name) {
+                continue;
+            }
             self.timed("creating constraints", async {
                 self.graph.run(query(q)).await.map_err(|e| self.err(e))?;
                 Ok(())
@@ -428,27 +450,65 @@ impl Sink {
         // A constraint's index may still be populating; until it is online
         // the planner falls back to label scans, and a plan chosen then
         // stays cached.
-        self.await_indexes().await?;
+        self.await_indexes(&ours).await?;
         let mut after = self.schema_names().await?;
         after.sort();
         after.dedup();
         Ok(after.into_iter().filter(|n| !before.contains(n)).collect())
     }
 
-    /// Waits until every index is online (`db.awaitIndexes`), at most four
-    /// times `neo4j.timeout`.
-    pub async fn await_indexes(&self) -> Result<(), SinkError> {
-        let secs = (self.timeout * 4).as_secs().max(1);
-        self.timed("waiting for indexes to come online", async {
-            self.graph
-                .run(
-                    query("CALL db.awaitIndexes($secs)")
-                        .param("secs", i64::try_from(secs).unwrap_or(i64::MAX)),
-                )
-                .await
-                .map_err(|e| self.err(e))
-        })
-        .await
+    /// Waits until the named indexes (and the indexes behind the named
+    /// constraints) are online, at most four times `neo4j.timeout`. Polls
+    /// `SHOW INDEXES` rather than `db.awaitIndexes`, which waits for every
+    /// index in the database and, blocking longer than `neo4j.timeout`,
+    /// would trip the driver's read timeout.
+    pub async fn await_indexes(&self, names: &[String]) -> Result<(), SinkError> {
+        let limit = self.timeout * 4;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let mut pending = Vec::new();
+            self.timed("waiting for indexes to come online", async {
+                let mut rows = self
+                    .graph
+                    .execute(
+                        query(
+                            "SHOW INDEXES YIELD name, owningConstraint, state, failureMessage \
+                             WHERE name IN $names OR owningConstraint IN $names \
+                             RETURN name, state, failureMessage",
+                        )
+                        .param("names", names.to_vec()),
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                    let name: String = row.get("name").unwrap_or_default();
+                    let state: String = row.get("state").unwrap_or_default();
+                    match state.as_str() {
+                        "ONLINE" => {}
+                        "FAILED" => {
+                            let why: String = row.get("failureMessage").unwrap_or_default();
+                            return Err(SinkError::Rejected(format!(
+                                "index {name} failed to build: {why}; drop it \
+                                 (DROP INDEX/CONSTRAINT) and run walgraph setup again"
+                            )));
+                        }
+                        _ => pending.push(name),
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SinkError::Transient(format!(
+                    "indexes {} were not online after {limit:?}",
+                    pending.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Labels (or types) with their key properties that lack a uniqueness
@@ -515,6 +575,29 @@ impl Sink {
             .await?;
         }
         Ok(names)
+    }
+}
+
+/// Runs `f` again after a transient failure, with backoff, up to five
+/// times; for idempotent operations only.
+async fn retry_transient<T, Fut>(
+    what: &'static str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, SinkError>
+where
+    Fut: std::future::Future<Output = Result<T, SinkError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && attempt < 5 => {
+                let wait = crate::pipeline::backoff(attempt);
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, retry_in = ?wait, "{what}");
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
     }
 }
 
