@@ -178,6 +178,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 table,
                 repair,
                 chunk_rows: chunk_rows.max(1),
+                progress_bar: crate::snapshot::stderr_is_terminal(),
             };
             let reports = crate::reconcile::reconcile(&cfg, &opts).await?;
             if json {

@@ -18,7 +18,7 @@ use crate::map::{Key, Props};
 use crate::mapping::quote;
 
 /// A pattern property map matching a key: ``{`id`: row.k[0]}``.
-fn key_pattern(props: &[std::sync::Arc<str>], param: &str) -> String {
+pub(crate) fn key_pattern(props: &[std::sync::Arc<str>], param: &str) -> String {
     let parts: Vec<String> = props
         .iter()
         .enumerate()

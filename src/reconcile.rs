@@ -24,14 +24,15 @@ use serde::Serialize;
 use crate::batch::Batcher;
 use crate::catalog::{quote_literal, quote_qualified, PgClient};
 use crate::config::Config;
+use crate::cypher::key_pattern;
 use crate::cypher::to_bolt;
 use crate::decode::Value;
 use crate::lsn::Lsn;
 use crate::map::{GraphOp, Mapper, NodeRef};
-use crate::mapping::{quote, Mapping};
+use crate::mapping::{quote, Mapping, NodeTarget, RelKind, RelTarget};
 use crate::pipeline;
 use crate::sink::Sink;
-use crate::snapshot::{describe_table, read_chunk, TEXT_FORMATS};
+use crate::snapshot::{describe_table, read_chunk, Progress, Table, TEXT_FORMATS};
 
 /// How to reconcile.
 #[derive(Debug, Clone)]
@@ -42,28 +43,35 @@ pub struct ReconcileOptions {
     pub repair: bool,
     /// Rows per chunk.
     pub chunk_rows: usize,
+    /// Draw a progress bar (on a terminal); otherwise progress goes to the log.
+    pub progress_bar: bool,
 }
 
-/// What one table looked like.
+/// What one table (node table, or a join table's relationship type) looked
+/// like.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TableReport {
     /// The table.
     pub table: String,
-    /// Its label.
+    /// `node` (a node table: its nodes and foreign-key relationships) or
+    /// `relationship` (a join table: its edges).
+    pub kind: String,
+    /// Its label, or its relationship type.
     pub label: String,
     /// Rows read from Postgres.
     pub rows: u64,
-    /// Nodes of the label read from the graph (placeholders included).
-    pub nodes: u64,
-    /// Rows without a node (up to 20 keys shown).
+    /// Nodes of the label (placeholders included), or relationships of the
+    /// type, read from the graph.
+    pub in_graph: u64,
+    /// Rows without a node or edge (up to 20 keys shown).
     pub missing: Vec<String>,
-    /// How many rows lack a node.
+    /// How many rows lack a node or edge.
     pub missing_count: u64,
-    /// Nodes whose row is gone.
+    /// Nodes or edges whose row is gone.
     pub extra: Vec<String>,
     /// How many.
     pub extra_count: u64,
-    /// Rows whose node differs.
+    /// Rows whose node or edge differs.
     pub changed: Vec<String>,
     /// How many.
     pub changed_count: u64,
@@ -87,7 +95,19 @@ fn note(list: &mut Vec<String>, count: &mut u64, key: String) {
     }
 }
 
-/// Compares (and with `repair`, fixes) every mapped node table.
+/// What every table's pass shares.
+struct Ctx<'a> {
+    sink: &'a Sink,
+    c: &'a tokio_postgres::Client,
+    mapping: &'a Mapping,
+    mapper: &'a Mapper,
+    /// The WAL position read before the rows; repairs carry it as `_lsn`.
+    stamp: Lsn,
+    opts: &'a ReconcileOptions,
+}
+
+/// Compares (and with `repair`, fixes) every mapped node table and join
+/// table.
 pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<Vec<TableReport>> {
     let prepared = pipeline::prepare_beside_run(cfg).await?;
     let sink = prepared.sink.as_ref().context("no Neo4j connection")?;
@@ -95,14 +115,14 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     let mut tables: Vec<String> = mapping
         .tables
         .iter()
-        .filter(|(_, t)| t.node.is_some())
+        .filter(|(_, t)| t.node.is_some() || t.rels.iter().any(is_edge_rel))
         .map(|(n, _)| n.clone())
         .collect();
     tables.sort();
     if let Some(only) = &opts.table {
         if !tables.contains(only) {
             anyhow::bail!(
-                "{only} is not a mapped node table; the mapped node tables are {}",
+                "{only} is not a mapped table; the mapped tables are {}",
                 tables.join(", ")
             );
         }
@@ -122,139 +142,476 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     .await?;
     let catalog = pg.catalog(&tables).await?;
     let mapper = Mapper::new(Arc::clone(&mapping));
-    let mut reports = Vec::new();
+    let cx = Ctx {
+        sink,
+        c,
+        mapping: &mapping,
+        mapper: &mapper,
+        stamp,
+        opts,
+    };
+    let mut described = Vec::new();
+    let mut total = 0u64;
     for name in &tables {
         let pk = catalog
             .get(name)
             .map(|t| t.primary_key.clone())
             .unwrap_or_default();
         let t = describe_table(c, name, &pk).await?;
-        let Some(node) = mapping.tables.get(name).and_then(|t| t.node.clone()) else {
-            continue;
-        };
-        let owned: Vec<Arc<str>> = mapping.tables[name]
-            .rels
-            .iter()
-            .map(|r| Arc::clone(&r.rel_type))
-            .collect();
-        let mut report = TableReport {
-            table: name.clone(),
-            label: node.label.to_string(),
-            ..TableReport::default()
-        };
-        let mut repairs = Batcher::new();
-        let mut after: Option<Vec<String>> = None;
-        loop {
-            let rows = read_chunk(c, &t, after.as_deref(), opts.chunk_rows).await?;
-            if rows.is_empty() {
-                break;
-            }
-            report.rows += rows.len() as u64;
-            after = rows.last().map(|r| r.1.clone());
-            let mut expected = Vec::with_capacity(rows.len());
-            for (change, key) in &rows {
-                let mut ops = Vec::new();
-                mapper.map_change(change, stamp, &mut ops)?;
-                expected.push((key.join(", "), ops));
-            }
-            let keys: Vec<BoltType> = expected
+        let count: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM {}", quote_qualified(name)),
+                &[],
+            )
+            .await?
+            .get(0);
+        let passes = mapping.tables[name].node.iter().count()
+            + mapping.tables[name]
+                .rels
                 .iter()
-                .filter_map(|(_, ops)| own_node(ops))
-                .map(|n| {
-                    BoltType::List(BoltList::from(
-                        n.key.0.iter().map(to_bolt).collect::<Vec<_>>(),
-                    ))
-                })
-                .collect();
-            let actual = graph_nodes(sink, &node.label, &node.key_props, &owned, keys).await?;
-            for (key, ops) in expected {
-                let Some(own) = own_node(&ops) else { continue };
-                let bolt_key = key_text(&own.key.0.iter().map(to_bolt).collect::<Vec<_>>());
-                let differs = match actual.get(&bolt_key) {
-                    None => {
-                        note(&mut report.missing, &mut report.missing_count, key);
-                        true
-                    }
-                    Some(found) if !matches(&ops, found, &mapping) => {
-                        note(&mut report.changed, &mut report.changed_count, key);
-                        true
-                    }
-                    Some(_) => false,
-                };
-                if differs && opts.repair {
-                    repairs.push_transaction(vec![ops], Lsn::ZERO);
-                }
-            }
-            if opts.repair && repairs.changes() > 0 {
-                sink.apply_with(&repairs.take(&mapping), query("RETURN 1"))
-                    .await?;
-            }
-        }
-        // Nodes whose row is gone.
-        let mut last_id = -1i64;
-        loop {
-            let mut rows = sink
-                .graph()
-                .execute(
-                    query(&format!(
-                        "MATCH (n:{}) WHERE id(n) > $after RETURN id(n) AS id, [p IN $props | n[p]] AS key, \
-                         n._lsn IS NULL AS placeholder ORDER BY id LIMIT $limit",
-                        quote(&node.label)
-                    ))
-                    .param("after", last_id)
-                    .param("props", node.key_props.iter().map(|p| p.to_string()).collect::<Vec<_>>())
-                    .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
-                )
-                .await?;
-            let mut batch: Vec<(Vec<BoltType>, bool)> = Vec::new();
-            while let Some(row) = rows.next().await? {
-                last_id = row.get::<i64>("id").unwrap_or(last_id);
-                let key: BoltList = row.get("key").unwrap_or_default();
-                let placeholder = row.get::<bool>("placeholder").unwrap_or(false);
-                batch.push((key.value, placeholder));
-            }
-            if batch.is_empty() {
-                break;
-            }
-            report.nodes += batch.len() as u64;
-            let real: Vec<Vec<BoltType>> = batch
-                .into_iter()
-                .filter(|(_, placeholder)| !*placeholder)
-                .map(|(k, _)| k)
-                .collect();
-            let present = rows_present(c, &t, &real).await?;
-            let mut deletes = Batcher::new();
-            for k in real {
-                let text = key_text(&k);
-                if present.contains(&text) {
-                    continue;
-                }
-                note(&mut report.extra, &mut report.extra_count, text);
-                if opts.repair {
-                    if let Some(values) = k.iter().map(bolt_value).collect::<Option<Vec<_>>>() {
-                        deletes.push_transaction(
-                            vec![vec![GraphOp::DeleteNode {
-                                node: NodeRef {
-                                    label: Arc::clone(&node.label),
-                                    key: crate::map::Key(values),
-                                },
-                                lsn: stamp,
-                            }]],
-                            Lsn::ZERO,
-                        );
-                    }
-                }
-            }
-            if opts.repair && deletes.changes() > 0 {
-                sink.apply_with(&deletes.take(&mapping), query("RETURN 1"))
-                    .await?;
-            }
-        }
-        report.repaired = opts.repair && report.differs();
-        reports.push(report);
+                .filter(|r| is_edge_rel(r))
+                .count();
+        total += u64::try_from(count).unwrap_or(0) * passes as u64;
+        described.push(t);
     }
+    let mut progress = Progress::new("reconcile", total, 0, opts.progress_bar);
+    let mut reports = Vec::new();
+    for t in &described {
+        progress.table(&t.name);
+        let target = &mapping.tables[&t.name];
+        if let Some(node) = &target.node {
+            reports.push(reconcile_nodes(&cx, t, node, &mut progress).await?);
+        }
+        for rel in target.rels.iter().filter(|r| is_edge_rel(r)) {
+            reports.push(reconcile_edges(&cx, t, rel, &mut progress).await?);
+        }
+    }
+    progress.finish();
     let _ = c.batch_execute("COMMIT").await;
     Ok(reports)
+}
+
+fn is_edge_rel(r: &RelTarget) -> bool {
+    matches!(r.kind, RelKind::Edge { .. })
+}
+
+/// One node table: its nodes and the foreign-key relationships its rows own.
+async fn reconcile_nodes(
+    cx: &Ctx<'_>,
+    t: &Table,
+    node: &NodeTarget,
+    progress: &mut Progress,
+) -> anyhow::Result<TableReport> {
+    let (sink, c, mapping, opts, stamp) = (cx.sink, cx.c, cx.mapping, cx.opts, cx.stamp);
+    let owned: Vec<Arc<str>> = mapping.tables[&t.name]
+        .rels
+        .iter()
+        .map(|r| Arc::clone(&r.rel_type))
+        .collect();
+    let mut report = TableReport {
+        table: t.name.clone(),
+        kind: "node".into(),
+        label: node.label.to_string(),
+        ..TableReport::default()
+    };
+    let mut repairs = Batcher::new();
+    let mut after: Option<Vec<String>> = None;
+    loop {
+        let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
+        if rows.is_empty() {
+            break;
+        }
+        report.rows += rows.len() as u64;
+        progress.add(rows.len() as u64, &t.name, 0);
+        after = rows.last().map(|r| r.1.clone());
+        let mut expected = Vec::with_capacity(rows.len());
+        for (change, key) in &rows {
+            let mut ops = Vec::new();
+            cx.mapper.map_change(change, stamp, &mut ops)?;
+            expected.push((key.join(", "), ops));
+        }
+        let keys: Vec<BoltType> = expected
+            .iter()
+            .filter_map(|(_, ops)| own_node(ops))
+            .map(|n| bolt_list(n.key.0.iter().map(to_bolt)))
+            .collect();
+        let actual = graph_nodes(sink, &node.label, &node.key_props, &owned, keys).await?;
+        for (key, ops) in expected {
+            let Some(own) = own_node(&ops) else { continue };
+            let bolt_key = key_text(&own.key.0.iter().map(to_bolt).collect::<Vec<_>>());
+            let differs = match actual.get(&bolt_key) {
+                None => {
+                    note(&mut report.missing, &mut report.missing_count, key);
+                    true
+                }
+                Some(found) if !matches(&ops, found, mapping) => {
+                    note(&mut report.changed, &mut report.changed_count, key);
+                    true
+                }
+                Some(_) => false,
+            };
+            if differs && opts.repair {
+                repairs.push_transaction(vec![ops], Lsn::ZERO);
+            }
+        }
+        if opts.repair && repairs.changes() > 0 {
+            sink.apply_with(&repairs.take(mapping), query("RETURN 1"))
+                .await?;
+        }
+    }
+    // Nodes whose row is gone.
+    let mut last_id = -1i64;
+    loop {
+        let mut rows = sink
+            .graph()
+            .execute(
+                query(&format!(
+                    "MATCH (n:{}) WHERE id(n) > $after RETURN id(n) AS id, [p IN $props | n[p]] AS key, \
+                     n._lsn IS NULL AS placeholder ORDER BY id LIMIT $limit",
+                    quote(&node.label)
+                ))
+                .param("after", last_id)
+                .param("props", node.key_props.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+                .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
+            )
+            .await?;
+        let mut batch: Vec<(Vec<BoltType>, bool)> = Vec::new();
+        while let Some(row) = rows.next().await? {
+            last_id = row.get::<i64>("id").unwrap_or(last_id);
+            let key: BoltList = row.get("key").unwrap_or_default();
+            let placeholder = row.get::<bool>("placeholder").unwrap_or(false);
+            batch.push((key.value, placeholder));
+        }
+        if batch.is_empty() {
+            break;
+        }
+        report.in_graph += batch.len() as u64;
+        let real: Vec<Vec<BoltType>> = batch
+            .into_iter()
+            .filter(|(_, placeholder)| !*placeholder)
+            .map(|(k, _)| k)
+            .collect();
+        let present = rows_present(c, t, &real).await?;
+        let mut deletes = Batcher::new();
+        for k in real {
+            let text = key_text(&k);
+            if present.contains(&text) {
+                continue;
+            }
+            note(&mut report.extra, &mut report.extra_count, text);
+            if opts.repair {
+                if let Some(node_ref) = node_ref(&node.label, &k) {
+                    deletes.push_transaction(
+                        vec![vec![GraphOp::DeleteNode {
+                            node: node_ref,
+                            lsn: stamp,
+                        }]],
+                        Lsn::ZERO,
+                    );
+                }
+            }
+        }
+        if opts.repair && deletes.changes() > 0 {
+            sink.apply_with(&deletes.take(mapping), query("RETURN 1"))
+                .await?;
+        }
+    }
+    report.repaired = opts.repair && report.differs();
+    Ok(report)
+}
+
+/// One join table's relationship type: an edge per row.
+async fn reconcile_edges(
+    cx: &Ctx<'_>,
+    t: &Table,
+    rel: &RelTarget,
+    progress: &mut Progress,
+) -> anyhow::Result<TableReport> {
+    let (sink, c, mapping, opts, stamp) = (cx.sink, cx.c, cx.mapping, cx.opts, cx.stamp);
+    let pair_identity = matches!(
+        rel.kind,
+        RelKind::Edge {
+            pair_identity: true
+        }
+    );
+    let mut report = TableReport {
+        table: t.name.clone(),
+        kind: "relationship".into(),
+        label: rel.rel_type.to_string(),
+        ..TableReport::default()
+    };
+    let strings = |v: &[Arc<str>]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    let (from_props, to_props) = (strings(&rel.from.key_props), strings(&rel.to.key_props));
+    let edge_props: Vec<Arc<str>> = rel
+        .key_columns
+        .iter()
+        .map(|c| Arc::from(c.as_str()))
+        .collect();
+    let ends = "{p: properties(r), fl: labels(a), f: [x IN $fp | a[x]], tl: labels(b), t: [x IN $tp | b[x]]}";
+    let lookup = if pair_identity {
+        format!(
+            "UNWIND $rows AS row OPTIONAL MATCH (a:{} {})-[r:{}]->(b:{} {}) \
+             RETURN row.i AS i, collect(CASE WHEN r IS NULL THEN NULL ELSE {ends} END) AS found",
+            quote(&rel.from.label),
+            key_pattern(&rel.from.key_props, "f"),
+            quote(&rel.rel_type),
+            quote(&rel.to.label),
+            key_pattern(&rel.to.key_props, "t"),
+        )
+    } else {
+        format!(
+            "UNWIND $rows AS row OPTIONAL MATCH (a)-[r:{} {}]->(b) \
+             RETURN row.i AS i, collect(CASE WHEN r IS NULL THEN NULL ELSE {ends} END) AS found",
+            quote(&rel.rel_type),
+            key_pattern(&edge_props, "k"),
+        )
+    };
+    let mut repairs = Batcher::new();
+    let mut after: Option<Vec<String>> = None;
+    loop {
+        let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
+        if rows.is_empty() {
+            break;
+        }
+        report.rows += rows.len() as u64;
+        progress.add(rows.len() as u64, &t.name, 0);
+        after = rows.last().map(|r| r.1.clone());
+        // Mapped as an update without an old row: an edge (MergeEdge), or,
+        // for a row with a NULL end, the removal of its edge (DeleteEdge).
+        let mut expected: Vec<(String, GraphOp)> = Vec::with_capacity(rows.len());
+        for (change, key) in &rows {
+            let mut change = change.clone();
+            change.op = crate::transactions::Op::Update;
+            let mut ops = Vec::new();
+            cx.mapper.map_change(&change, stamp, &mut ops)?;
+            let op = ops.into_iter().find(|op| match op {
+                GraphOp::MergeEdge { rel_type, .. } | GraphOp::DeleteEdge { rel_type, .. } => {
+                    *rel_type == rel.rel_type
+                }
+                _ => false,
+            });
+            if let Some(op) = op {
+                expected.push((key.join(", "), op));
+            }
+        }
+        let params: Vec<BoltType> = expected
+            .iter()
+            .enumerate()
+            .map(|(i, (_, op))| {
+                let mut m = BoltMap::new();
+                m.put("i".into(), BoltType::from(i as i64));
+                match op {
+                    GraphOp::MergeEdge { key, from, to, .. } => {
+                        m.put("k".into(), bolt_list(key.0.iter().map(to_bolt)));
+                        m.put("f".into(), bolt_list(from.key.0.iter().map(to_bolt)));
+                        m.put("t".into(), bolt_list(to.key.0.iter().map(to_bolt)));
+                    }
+                    GraphOp::DeleteEdge { key, .. } => {
+                        m.put("k".into(), bolt_list(key.0.iter().map(to_bolt)));
+                    }
+                    _ => {}
+                }
+                BoltType::Map(m)
+            })
+            .collect();
+        let mut found: HashMap<usize, Vec<BoltMap>> = HashMap::new();
+        let mut result = sink
+            .graph()
+            .execute(
+                query(&lookup)
+                    .param("rows", BoltType::List(BoltList::from(params)))
+                    .param("fp", from_props.clone())
+                    .param("tp", to_props.clone()),
+            )
+            .await?;
+        while let Some(row) = result.next().await? {
+            let i = row.get::<i64>("i").unwrap_or(-1);
+            let edges: Vec<BoltMap> = row.get("found").unwrap_or_default();
+            if let Ok(i) = usize::try_from(i) {
+                found.insert(i, edges);
+            }
+        }
+        for (i, (key, op)) in expected.into_iter().enumerate() {
+            let edges = found.remove(&i).unwrap_or_default();
+            let differs = match &op {
+                GraphOp::MergeEdge { .. } if edges.is_empty() => {
+                    note(&mut report.missing, &mut report.missing_count, key);
+                    true
+                }
+                GraphOp::MergeEdge {
+                    from, to, props, ..
+                } => {
+                    let ok = edges.len() == 1 && edge_matches(&edges[0], from, to, props);
+                    if !ok {
+                        note(&mut report.changed, &mut report.changed_count, key);
+                    }
+                    !ok
+                }
+                _ if edges.is_empty() => false,
+                _ => {
+                    note(&mut report.changed, &mut report.changed_count, key);
+                    true
+                }
+            };
+            if differs && opts.repair {
+                repairs.push_transaction(vec![vec![op]], Lsn::ZERO);
+            }
+        }
+        if opts.repair && repairs.changes() > 0 {
+            sink.apply_with(&repairs.take(mapping), query("RETURN 1"))
+                .await?;
+        }
+    }
+    // Edges whose row is gone: their identity (the edge key, or the two
+    // ends' keys) put in the table's key order.
+    let key_source: Vec<(char, usize)> = t
+        .key
+        .iter()
+        .filter_map(|(_, pos, _)| {
+            let col = &t.relation.columns.get(*pos)?.name;
+            if pair_identity {
+                let in_from = rel.from.columns.iter().position(|c| c == col);
+                let in_to = rel.to.columns.iter().position(|c| c == col);
+                in_from.map(|i| ('f', i)).or(in_to.map(|i| ('t', i)))
+            } else {
+                rel.key_columns
+                    .iter()
+                    .position(|c| c == col)
+                    .map(|i| ('k', i))
+            }
+        })
+        .collect();
+    if key_source.len() != t.key.len() {
+        anyhow::bail!(
+            "{}: cannot tell the rows of relationship {} apart by the table's key; map the key columns",
+            t.name,
+            rel.rel_type
+        );
+    }
+    let mut last_id = -1i64;
+    loop {
+        let mut rows = sink
+            .graph()
+            .execute(
+                query(&format!(
+                    "MATCH (a)-[r:{}]->(b) WHERE id(r) > $after \
+                     RETURN id(r) AS id, [x IN $kp | r[x]] AS k, [x IN $fp | a[x]] AS f, [x IN $tp | b[x]] AS t \
+                     ORDER BY id LIMIT $limit",
+                    quote(&rel.rel_type)
+                ))
+                .param("after", last_id)
+                .param("kp", rel.key_columns.clone())
+                .param("fp", from_props.clone())
+                .param("tp", to_props.clone())
+                .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
+            )
+            .await?;
+        // (row key in table order, edge key, from key, to key)
+        type Seen = (Vec<BoltType>, Vec<BoltType>, Vec<BoltType>, Vec<BoltType>);
+        let mut batch: Vec<Seen> = Vec::new();
+        while let Some(row) = rows.next().await? {
+            last_id = row.get::<i64>("id").unwrap_or(last_id);
+            let k: BoltList = row.get("k").unwrap_or_default();
+            let f: BoltList = row.get("f").unwrap_or_default();
+            let to: BoltList = row.get("t").unwrap_or_default();
+            let row_key: Option<Vec<BoltType>> = key_source
+                .iter()
+                .map(|(side, i)| {
+                    match side {
+                        'f' => f.value.get(*i),
+                        't' => to.value.get(*i),
+                        _ => k.value.get(*i),
+                    }
+                    .cloned()
+                })
+                .collect();
+            if let Some(row_key) = row_key {
+                batch.push((row_key, k.value, f.value, to.value));
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        report.in_graph += batch.len() as u64;
+        let keys: Vec<Vec<BoltType>> = batch.iter().map(|b| b.0.clone()).collect();
+        let present = rows_present(c, t, &keys).await?;
+        let mut deletes = Batcher::new();
+        for (row_key, k, f, to) in batch {
+            let text = key_text(&row_key);
+            if present.contains(&text) {
+                continue;
+            }
+            note(&mut report.extra, &mut report.extra_count, text);
+            if !opts.repair {
+                continue;
+            }
+            let op = if pair_identity {
+                match (node_ref(&rel.from.label, &f), node_ref(&rel.to.label, &to)) {
+                    (Some(a), Some(b)) => Some(GraphOp::DeleteEdge {
+                        rel_type: Arc::clone(&rel.rel_type),
+                        key: crate::map::Key(Vec::new()),
+                        ends: Some((a, b)),
+                        lsn: stamp,
+                    }),
+                    _ => None,
+                }
+            } else {
+                k.iter()
+                    .map(bolt_value)
+                    .collect::<Option<Vec<_>>>()
+                    .map(|values| GraphOp::DeleteEdge {
+                        rel_type: Arc::clone(&rel.rel_type),
+                        key: crate::map::Key(values),
+                        ends: None,
+                        lsn: stamp,
+                    })
+            };
+            if let Some(op) = op {
+                deletes.push_transaction(vec![vec![op]], Lsn::ZERO);
+            }
+        }
+        if opts.repair && deletes.changes() > 0 {
+            sink.apply_with(&deletes.take(mapping), query("RETURN 1"))
+                .await?;
+        }
+    }
+    report.repaired = opts.repair && report.differs();
+    Ok(report)
+}
+
+/// Whether an edge as found (`{p, fl, f, tl, t}`) is what the row makes.
+fn edge_matches(found: &BoltMap, from: &NodeRef, to: &NodeRef, props: &crate::map::Props) -> bool {
+    let end_ok = |labels: &str, keys: &str, want: &NodeRef| {
+        let l: Vec<String> = found.get(labels).unwrap_or_default();
+        let k: BoltList = found.get(keys).unwrap_or_default();
+        let want_key: Vec<BoltType> = want.key.0.iter().map(to_bolt).collect();
+        l.iter().any(|l| l == want.label.as_ref()) && k.value == want_key
+    };
+    let p: BoltMap = found.get("p").unwrap_or_default();
+    end_ok("fl", "f", from)
+        && end_ok("tl", "t", to)
+        && props.iter().all(|(name, value)| {
+            let actual = p.value.get(name.as_ref());
+            match value {
+                Value::Null => actual.is_none(),
+                v => actual == Some(&to_bolt(v)),
+            }
+        })
+}
+
+fn bolt_list(items: impl Iterator<Item = BoltType>) -> BoltType {
+    BoltType::List(BoltList::from(items.collect::<Vec<_>>()))
+}
+
+/// A node reference from a label and key values read from the graph.
+fn node_ref(label: &Arc<str>, key: &[BoltType]) -> Option<NodeRef> {
+    key.iter()
+        .map(bolt_value)
+        .collect::<Option<Vec<_>>>()
+        .map(|values| NodeRef {
+            label: Arc::clone(label),
+            key: crate::map::Key(values),
+        })
 }
 
 /// The node a row's operations upsert.
@@ -408,7 +765,7 @@ fn matches(ops: &[GraphOp], found: &Found, mapping: &Mapping) -> bool {
 /// Which of `keys` (as read from the graph) still have a row.
 async fn rows_present(
     c: &tokio_postgres::Client,
-    t: &crate::snapshot::Table,
+    t: &Table,
     keys: &[Vec<BoltType>],
 ) -> anyhow::Result<std::collections::HashSet<String>> {
     let mut present = std::collections::HashSet::new();
@@ -459,11 +816,15 @@ pub fn render(reports: &[TableReport]) -> String {
     let mut out = String::new();
     for r in reports {
         out.push_str(&format!(
-            "{} → :{}: {} rows, {} nodes; {} missing, {} extra, {} changed{}\n",
+            "{} → {}: {} rows, {} in the graph; {} missing, {} extra, {} changed{}\n",
             r.table,
-            r.label,
+            if r.kind == "node" {
+                format!(":{}", r.label)
+            } else {
+                format!("[:{}]", r.label)
+            },
             r.rows,
-            r.nodes,
+            r.in_graph,
             r.missing_count,
             r.extra_count,
             r.changed_count,

@@ -138,7 +138,13 @@ impl Sink {
             user: cfg.user.clone(),
             timeout: cfg.timeout,
         };
-        sink.ping().await?;
+        sink.ping().await.map_err(|e| match e {
+            SinkError::Transient(m) => SinkError::Transient(format!(
+                "{m}; is Neo4j running at {}, and is neo4j.uri right?",
+                cfg.uri
+            )),
+            other => other,
+        })?;
         Ok(sink)
     }
 

@@ -288,8 +288,10 @@ pub(crate) async fn describe_table(
     })
 }
 
-/// Reports progress on a terminal (a bar) or in the log.
-struct Progress {
+/// Reports progress on a terminal (a bar) or in the log (snapshot,
+/// reconcile).
+pub(crate) struct Progress {
+    what: &'static str,
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     done: u64,
@@ -298,7 +300,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64, already: u64, bar: bool) -> Self {
+    pub(crate) fn new(what: &'static str, total: u64, already: u64, bar: bool) -> Self {
         let bar = bar.then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -313,6 +315,7 @@ impl Progress {
             b
         });
         Progress {
+            what,
             bar,
             total,
             done: already,
@@ -321,13 +324,13 @@ impl Progress {
         }
     }
 
-    fn table(&self, name: &str) {
+    pub(crate) fn table(&self, name: &str) {
         if let Some(b) = &self.bar {
             b.set_message(name.to_string());
         }
     }
 
-    fn add(&mut self, rows: u64, table: &str, started_at: u64) {
+    pub(crate) fn add(&mut self, rows: u64, table: &str, started_at: u64) {
         self.done += rows;
         if let Some(b) = &self.bar {
             b.inc(rows);
@@ -345,12 +348,13 @@ impl Progress {
                 of = self.total,
                 rows_per_sec = rate.round(),
                 eta_secs = eta.round(),
-                "snapshot progress"
+                "{} progress",
+                self.what
             );
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();
         }
@@ -455,7 +459,7 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     }
     // Rows of the table being resumed that are already copied are counted
     // twice above; the bar's total is an estimate anyway.
-    let mut progress = Progress::new(total, state.rows, opts.progress_bar);
+    let mut progress = Progress::new("snapshot", total, state.rows, opts.progress_bar);
     let started_rows = state.rows;
     let mapper = Mapper::new(Arc::clone(&prepared.mapping));
     let mut copied = 0u64;

@@ -72,6 +72,21 @@ async fn a_wrong_password_is_reported_as_postgres_said_it() {
     }
 }
 
+/// Runs deploy/local/services with `args`; returns what it printed.
+fn services_script(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services");
+    let out = std::process::Command::new(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run deploy/local/services: {e}"));
+    assert!(
+        out.status.success(),
+        "deploy/local/services {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn walgraph(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walgraph"));
     cmd.args(args).env_remove("WALGRAPH_CONFIG");
@@ -143,6 +158,10 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
         "nokey.toml",
         &format!("{slot_section}[[node]]\ntable = \"{{s}}.nokey\"\nlabel = \"{{p}}N\"\n"),
     );
+    // A throwaway cluster with wal_level = replica (a cluster of ours cannot
+    // be switched: Postgres refuses to start below logical with logical
+    // slots in it).
+    let replica_level = services_script(&["replica-level-postgres", "up"]);
     // (what, arguments, environment, what the sentence must say)
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, String)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -198,6 +217,18 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
             "Neo4j refused the login",
         ),
         (
+            "Neo4j not listening",
+            vec!["--config", &good, "setup"],
+            with(&[("WALGRAPH_NEO4J_URI", "bolt://127.0.0.1:9")]),
+            "is Neo4j running at bolt://127.0.0.1:9",
+        ),
+        (
+            "wal_level not logical",
+            vec!["--config", &good, "setup"],
+            with(&[("WALGRAPH_PG_URL", replica_level.trim())]),
+            "wal_level = replica, but logical replication needs logical",
+        ),
+        (
             "run before setup",
             vec!["--config", &good, "run"],
             with(&[]),
@@ -227,6 +258,28 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
         pubs.is_empty(),
         "a failed setup left a publication or slot behind"
     );
+    services_script(&["replica-level-postgres", "down"]);
+
+    // A publication dropped after setup: run refuses and names it.
+    let (ok, stderr) = run(&["--config", &good, "setup"], with(&[]));
+    assert!(ok, "setup: {stderr}");
+    fx.sql(&format!(
+        "DROP PUBLICATION {}",
+        fx.config.postgres.publication
+    ))
+    .await;
+    let (ok, stderr) = run(&["--config", &good, "run"], with(&[]));
+    assert!(!ok, "run without its publication succeeded");
+    let s = sentence(&stderr);
+    assert!(
+        s.contains(&format!(
+            "publication {} does not exist; run `walgraph setup` first",
+            fx.config.postgres.publication
+        )),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(&["--config", &good, "teardown", "--yes"], with(&[]));
+    assert!(ok, "teardown: {stderr}");
     let _ = std::fs::remove_dir_all(&dir);
     fx.cleanup().await;
 }
