@@ -59,9 +59,11 @@ pub enum Command {
         #[arg(long, value_parser = parse_lsn)]
         to: Option<crate::lsn::Lsn>,
     },
-    /// Compare the rows of the mapped node tables with their nodes (missing,
-    /// extra, changed properties or foreign-key relationships), in key
-    /// order and chunks; with --repair, fix the graph from Postgres.
+    /// Compare the rows of the mapped tables with the graph: node tables with
+    /// their nodes and foreign-key relationships, join tables with their
+    /// edges (missing, extra, changed), in key order and chunks, with a
+    /// progress bar on a terminal; with --repair, fix the graph from
+    /// Postgres. Exits 1 when something differs and --repair was not given.
     Reconcile {
         /// Only report (the default).
         #[arg(long, conflicts_with = "repair")]

@@ -48,6 +48,14 @@ pub struct Status {
     pub server_wal_lsn: Lsn,
     /// Bytes of WAL not yet confirmed.
     pub lag_bytes: Option<u64>,
+    /// Lag in time. While walgraph streams: Postgres' `flush_lag` for the
+    /// slot's walsender (how long ago the WAL just confirmed was written;
+    /// `null` once caught up and idle). While nothing streams and WAL is
+    /// pending: the seconds since the checkpoint last moved, an upper bound
+    /// (`lag_seconds_is_bound` says which).
+    pub lag_seconds: Option<f64>,
+    /// `lag_seconds` is an upper bound (nothing streams).
+    pub lag_seconds_is_bound: bool,
     /// Bytes of WAL the slot makes the server keep.
     pub retained_wal_bytes: Option<u64>,
     /// walgraph's checkpoint in Neo4j.
@@ -107,13 +115,16 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         .query_one(
             "SELECT pg_current_wal_lsn()::text,
                     (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),
-                    (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1)",
+                    (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1),
+                    (SELECT EXTRACT(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r
+                      JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1)",
             &[&cfg.postgres.slot],
         )
         .await?;
     let server_wal_lsn: Lsn = row.get::<_, String>(0).parse()?;
     let wal_status: Option<String> = row.get(1);
     let safe_wal_size: Option<i64> = row.get(2);
+    let flush_lag: Option<f64> = row.get(3);
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let graph = sink.graph();
@@ -214,20 +225,33 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
             }
         }
     }
+    let slot_active = slot.as_ref().is_some_and(|s| s.active);
+    let lag_bytes = slot
+        .as_ref()
+        .and_then(|s| s.confirmed_flush_lsn)
+        .map(|c| server_wal_lsn.bytes_since(c));
+    // Idle servers write a little WAL of their own (a few hundred bytes a
+    // minute); below a page of it nothing is really pending.
+    let (lag_seconds, lag_seconds_is_bound) = if slot_active {
+        (flush_lag, false)
+    } else if lag_bytes.unwrap_or(0) > 8192 {
+        (checkpoint_age_seconds, true)
+    } else {
+        (Some(0.0), false)
+    };
     Ok(Status {
         process,
         slot: cfg.postgres.slot.clone(),
         slot_exists: slot.is_some(),
-        slot_active: slot.as_ref().is_some_and(|s| s.active),
+        slot_active,
         confirmed_flush_lsn: slot.as_ref().and_then(|s| s.confirmed_flush_lsn),
         restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
         wal_status,
         safe_wal_size,
         server_wal_lsn,
-        lag_bytes: slot
-            .as_ref()
-            .and_then(|s| s.confirmed_flush_lsn)
-            .map(|c| server_wal_lsn.bytes_since(c)),
+        lag_bytes,
+        lag_seconds,
+        lag_seconds_is_bound,
         retained_wal_bytes: slot
             .as_ref()
             .and_then(|s| s.restart_lsn)
@@ -259,8 +283,14 @@ pub fn render(s: &Status) -> String {
         "  confirmed flush        {}\n",
         opt(&s.confirmed_flush_lsn)
     ));
+    let lag_time = match (s.lag_seconds, s.lag_seconds_is_bound) {
+        (Some(t), false) => format!("{t:.1} s"),
+        (Some(t), true) => format!("at most {t:.1} s (nothing streams)"),
+        (None, _) if s.slot_active => "caught up".to_string(),
+        (None, _) => "unknown (no checkpoint yet)".to_string(),
+    };
     out.push_str(&format!(
-        "  lag                    {} bytes\n",
+        "  lag                    {} bytes, {lag_time}\n",
         opt(&s.lag_bytes)
     ));
     out.push_str(&format!(
