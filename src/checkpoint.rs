@@ -75,8 +75,14 @@ impl std::fmt::Display for Checkpoint {
     }
 }
 
-/// Moves a slot's checkpoint forward to `cp` (never back).
-pub fn write_query(slot: &str, cp: Checkpoint) -> Query {
+/// Milliseconds from the Unix epoch to Postgres' (2000-01-01).
+const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
+
+/// Moves a slot's checkpoint forward to `cp` (never back). `committed_at`
+/// is the Postgres commit time (microseconds since 2000-01-01) of the last
+/// transaction the write covers, if any; it is kept as `committed_at` for
+/// the lag in time (`walgraph status`).
+pub fn write_query(slot: &str, cp: Checkpoint, committed_at: Option<i64>) -> Query {
     query(
         "MERGE (c:WalgraphCheckpoint {slot: $slot}) \
          WITH c WHERE c.lsn IS NULL OR c.lsn < $lsn \
@@ -84,11 +90,17 @@ pub fn write_query(slot: &str, cp: Checkpoint) -> Query {
                OR c.partial_end < $partial_end \
                OR (c.partial_end = $partial_end AND c.partial_changes < $partial_changes))) \
          SET c.lsn = $lsn, c.lsn_text = $lsn_text, c.partial_end = $partial_end, \
-             c.partial_changes = $partial_changes, c.updated_at = datetime()",
+             c.partial_changes = $partial_changes, c.updated_at = datetime(), \
+             c.committed_at = CASE WHEN $committed_ms IS NULL THEN c.committed_at \
+                              ELSE datetime({epochMillis: $committed_ms}) END",
     )
     .param("slot", slot)
     .param("lsn", cp.lsn.to_i64())
     .param("lsn_text", cp.lsn.to_string())
+    .param(
+        "committed_ms",
+        committed_at.map(|us| us.div_euclid(1000) + PG_EPOCH_UNIX_MS),
+    )
     .param("partial_end", cp.partial.map(|p| p.end_lsn.to_i64()))
     .param(
         "partial_changes",

@@ -315,7 +315,11 @@ impl Sink {
                     return Err(e);
                 }
             }
-            let cp = checkpoint::write_query(&self.slot, batch.checkpoint());
+            let cp = checkpoint::write_query(
+                &self.slot,
+                batch.checkpoint(),
+                batch.commits.last().map(|c| c.0),
+            );
             if let Err(e) = txn.run(cp).await {
                 let e = self.err(e);
                 let _ = txn.rollback().await;

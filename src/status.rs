@@ -48,14 +48,11 @@ pub struct Status {
     pub server_wal_lsn: Lsn,
     /// Bytes of WAL not yet confirmed.
     pub lag_bytes: Option<u64>,
-    /// Lag in time. While walgraph streams: Postgres' `flush_lag` for the
-    /// slot's walsender (how long ago the WAL just confirmed was written;
-    /// `null` once caught up and idle). While nothing streams and WAL is
-    /// pending: the seconds since the checkpoint last moved, an upper bound
-    /// (`lag_seconds_is_bound` says which).
+    /// Lag in time: 0 when caught up, otherwise the age of the commit of
+    /// the last transaction in the graph (as `now() -
+    /// pg_last_xact_replay_timestamp()` is for a physical standby); `null`
+    /// before the first one.
     pub lag_seconds: Option<f64>,
-    /// `lag_seconds` is an upper bound (nothing streams).
-    pub lag_seconds_is_bound: bool,
     /// Bytes of WAL the slot makes the server keep.
     pub retained_wal_bytes: Option<u64>,
     /// walgraph's checkpoint in Neo4j.
@@ -115,26 +112,25 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         .query_one(
             "SELECT pg_current_wal_lsn()::text,
                     (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),
-                    (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1),
-                    (SELECT EXTRACT(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r
-                      JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1)",
+                    (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1)",
             &[&cfg.postgres.slot],
         )
         .await?;
     let server_wal_lsn: Lsn = row.get::<_, String>(0).parse()?;
     let wal_status: Option<String> = row.get(1);
     let safe_wal_size: Option<i64> = row.get(2);
-    let flush_lag: Option<f64> = row.get(3);
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let graph = sink.graph();
     let mut checkpoint = None;
     let mut checkpoint_age_seconds = None;
+    let mut commit_age_seconds = None;
     let mut rows = graph
         .execute(
             query(
                 "MATCH (c:WalgraphCheckpoint {slot: $slot}) \
-                 RETURN c.lsn AS lsn, toFloat(duration.inSeconds(c.updated_at, datetime()).milliseconds) / 1000.0 AS age",
+                 RETURN c.lsn AS lsn, toFloat(duration.inSeconds(c.updated_at, datetime()).milliseconds) / 1000.0 AS age, \
+                 toFloat(duration.inSeconds(c.committed_at, datetime()).milliseconds) / 1000.0 AS commit_age",
             )
             .param("slot", cfg.postgres.slot.as_str()),
         )
@@ -142,6 +138,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     if let Some(r) = rows.next().await? {
         checkpoint = r.get::<i64>("lsn").ok().map(Lsn::from_i64);
         checkpoint_age_seconds = r.get::<f64>("age").ok();
+        commit_age_seconds = r.get::<f64>("commit_age").ok().map(|a| a.max(0.0));
     }
     let process = match cfg.http.listen {
         Some(addr) => process(&addr.to_string()).await,
@@ -230,14 +227,12 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         .as_ref()
         .and_then(|s| s.confirmed_flush_lsn)
         .map(|c| server_wal_lsn.bytes_since(c));
-    // Idle servers write a little WAL of their own (a few hundred bytes a
-    // minute); below a page of it nothing is really pending.
-    let (lag_seconds, lag_seconds_is_bound) = if slot_active {
-        (flush_lag, false)
-    } else if lag_bytes.unwrap_or(0) > 8192 {
-        (checkpoint_age_seconds, true)
+    // Idle servers write a little WAL of their own, which walgraph follows
+    // while it runs; below a page of it nothing is really pending.
+    let lag_seconds = if lag_bytes.unwrap_or(0) <= 8192 {
+        Some(0.0)
     } else {
-        (Some(0.0), false)
+        commit_age_seconds
     };
     Ok(Status {
         process,
@@ -251,7 +246,6 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         server_wal_lsn,
         lag_bytes,
         lag_seconds,
-        lag_seconds_is_bound,
         retained_wal_bytes: slot
             .as_ref()
             .and_then(|s| s.restart_lsn)
@@ -283,11 +277,10 @@ pub fn render(s: &Status) -> String {
         "  confirmed flush        {}\n",
         opt(&s.confirmed_flush_lsn)
     ));
-    let lag_time = match (s.lag_seconds, s.lag_seconds_is_bound) {
-        (Some(t), false) => format!("{t:.1} s"),
-        (Some(t), true) => format!("at most {t:.1} s (nothing streams)"),
-        (None, _) if s.slot_active => "caught up".to_string(),
-        (None, _) => "unknown (no checkpoint yet)".to_string(),
+    let lag_time = match s.lag_seconds {
+        Some(t) if t == 0.0 => "caught up".to_string(),
+        Some(t) => format!("{t:.1} s behind the last commit applied"),
+        None => "unknown (nothing applied yet)".to_string(),
     };
     out.push_str(&format!(
         "  lag                    {} bytes, {lag_time}\n",

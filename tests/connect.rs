@@ -431,8 +431,8 @@ async fn setup_is_idempotent_status_reports_and_teardown_removes_everything() {
     )
     .await;
     run.stop().await;
-    // WAL the stopped walgraph has not seen: lag in bytes, and in time an
-    // upper bound (the checkpoint's age).
+    // WAL the stopped walgraph has not seen: lag in bytes, and in time the
+    // age of the last commit applied.
     fx.sql("INSERT INTO {s}.items SELECT g FROM generate_series(2, 2000) g")
         .await;
     let config = std::env::temp_dir().join(format!("walgraph-status-{}.toml", fx.id));
@@ -462,9 +462,10 @@ async fn setup_is_idempotent_status_reports_and_teardown_removes_everything() {
     assert_eq!(status["labels"][0]["count"], 1);
     assert!(status["checkpoint"].is_string(), "{status}");
     assert!(status["lag_bytes"].as_u64().unwrap_or(0) > 8192, "{status}");
-    assert_eq!(status["lag_seconds_is_bound"], true, "{status}");
     assert!(
-        status["lag_seconds"].as_f64().is_some_and(|t| t >= 0.0),
+        status["lag_seconds"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0 && t < 60.0),
         "{status}"
     );
 
