@@ -2,18 +2,17 @@
 //! graph plus the stream equals the database.
 //!
 //! Invariants:
-//! - rows are read under a snapshot *exported by a replication slot*
-//!   (a temporary one, created for the copy), so the copy holds exactly the
-//!   transactions that committed before that slot's consistent point `C`;
-//!   every copied node and relationship carries `_lsn = C`, and the `_lsn`
-//!   guard then skips exactly the streamed changes the copy already holds
-//!   (commit LSN below `C`) while applying every later one;
-//! - tables are copied in key order, in chunks; each chunk is written in one
-//!   Neo4j transaction together with the progress record
-//!   `(:WalgraphSnapshot {slot})` (table, last key, rows), so an interrupted
-//!   snapshot resumes after the last chunk Neo4j committed — under a new
-//!   exported snapshot, whose later consistent point the guard handles the
-//!   same way;
+//! - tables are copied in key order, in chunks, each chunk read under a
+//!   snapshot of its own *exported by a replication slot* (a temporary one,
+//!   created for that chunk), so chunk `i` holds exactly the transactions
+//!   that committed before that slot's consistent point `Ti`; every node and
+//!   relationship it writes carries `_lsn = Ti`, and when the stream runs
+//!   from the slot's start the `_lsn` guard skips exactly the streamed
+//!   changes a chunk already holds (commit LSN below its `Ti`) while applying
+//!   every later one. No transaction stays open longer than one chunk's read;
+//! - each chunk is written in one Neo4j transaction together with the
+//!   progress record `(:WalgraphSnapshot {slot})` (table, last key, rows), so
+//!   an interrupted snapshot resumes after the last chunk Neo4j committed;
 //! - it refuses to run while `walgraph run` streams from the slot (a change
 //!   applied before its row is copied could be undone by the copy), and `run`
 //!   refuses to start while a snapshot is unfinished.
@@ -84,7 +83,7 @@ pub struct SnapshotReport {
     pub rows: u64,
     /// Whether it continued an interrupted snapshot.
     pub resumed: bool,
-    /// The consistent point of the snapshot it read under.
+    /// The consistent point of the snapshot its last chunk was read under.
     pub consistent_lsn: Lsn,
     /// Nothing was left to do.
     pub already_done: bool,
@@ -361,7 +360,8 @@ impl Progress {
     }
 }
 
-/// Copies every mapped table into the graph under an exported snapshot.
+/// Copies every mapped table into the graph, each chunk under an exported
+/// snapshot of its own.
 pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<SnapshotReport> {
     if opts.chunk_rows == 0 {
         bail!("--chunk-rows must be at least 1");
@@ -397,42 +397,10 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     };
     let resumed = state.rows > 0 || !state.tables_done.is_empty();
 
-    // The exported snapshot lives as long as this connection stays open and idle.
-    let mut repl = ReplicationStream::connect(&prepared.info).await?;
     let temp_slot = format!("walgraph_snapshot_{}", std::process::id());
-    let created = repl
-        .command(&format!(
-            "CREATE_REPLICATION_SLOT {temp_slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
-        ))
-        .await?;
-    let row = created
-        .first()
-        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned nothing"))?;
-    let consistent: Lsn = row
-        .get(1)
-        .cloned()
-        .flatten()
-        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
-        .parse()
-        .map_err(|e| anyhow!("CREATE_REPLICATION_SLOT returned a bad consistent point: {e}"))?;
-    let snapshot_name = row
-        .get(2)
-        .cloned()
-        .flatten()
-        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
-    tracing::info!(consistent_lsn = %consistent, snapshot = %snapshot_name, resumed, "reading under an exported snapshot");
-
     let reader = PgClient::connect(&prepared.info).await?;
     let c = reader.client();
-    c.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-         SET TRANSACTION SNAPSHOT {}; {TEXT_FORMATS}",
-        quote_literal(&snapshot_name)
-    ))
-    .await
-    .context("cannot read under the exported snapshot")?;
-    // The transaction holds the snapshot now; the temporary slot can go.
-    drop(repl);
+    c.batch_execute(TEXT_FORMATS).await?;
 
     let tables = table_order(&prepared.mapping);
     let catalog = reader.catalog(&tables).await?;
@@ -463,6 +431,7 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     let started_rows = state.rows;
     let mapper = Mapper::new(Arc::clone(&prepared.mapping));
     let mut copied = 0u64;
+    let mut consistent = Lsn::ZERO;
 
     for t in &described {
         progress.table(&t.name);
@@ -471,7 +440,12 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
             _ => None,
         };
         loop {
-            let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
+            // Each chunk under a snapshot of its own: no transaction stays
+            // open for the whole copy (which would hold back vacuum).
+            consistent = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
+            let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await;
+            let _ = c.batch_execute("COMMIT").await;
+            let rows = rows?;
             let mut batcher = Batcher::new();
             let n = rows.len() as u64;
             let last = rows.last().map(|r| r.1.clone());
@@ -512,13 +486,53 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     )
     .await?;
     progress.finish();
-    let _ = c.batch_execute("COMMIT").await;
     Ok(SnapshotReport {
         rows: copied,
         resumed,
         consistent_lsn: consistent,
         already_done: false,
     })
+}
+
+/// Opens a repeatable-read transaction on `c` under a snapshot exported by a
+/// new temporary replication slot, and returns that slot's consistent point:
+/// the transaction sees exactly what committed before it. The slot goes
+/// when its connection closes, here; the transaction keeps the snapshot.
+async fn begin_exported_snapshot(
+    info: &crate::source::ConnInfo,
+    c: &tokio_postgres::Client,
+    temp_slot: &str,
+) -> anyhow::Result<Lsn> {
+    let mut repl = ReplicationStream::connect(info).await?;
+    let created = repl
+        .command(&format!(
+            "CREATE_REPLICATION_SLOT {temp_slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+        ))
+        .await?;
+    let row = created
+        .first()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned nothing"))?;
+    let consistent: Lsn = row
+        .get(1)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
+        .parse()
+        .map_err(|e| anyhow!("CREATE_REPLICATION_SLOT returned a bad consistent point: {e}"))?;
+    let snapshot_name = row
+        .get(2)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+    tracing::debug!(consistent_lsn = %consistent, snapshot = %snapshot_name, "reading a chunk under an exported snapshot");
+    c.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(&snapshot_name)
+    ))
+    .await
+    .context("cannot read under the exported snapshot")?;
+    drop(repl);
+    Ok(consistent)
 }
 
 /// Whether to draw a progress bar: stderr is a terminal.
