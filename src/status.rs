@@ -278,7 +278,7 @@ pub fn render(s: &Status) -> String {
         opt(&s.confirmed_flush_lsn)
     ));
     let lag_time = match s.lag_seconds {
-        Some(t) if t == 0.0 => "caught up".to_string(),
+        Some(0.0) => "caught up".to_string(),
         Some(t) => format!("{t:.1} s behind the last commit applied"),
         None => "unknown (nothing applied yet)".to_string(),
     };
