@@ -107,7 +107,8 @@ fn sentence(stderr: &str) -> &str {
 async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
     let _shared = SERVICES.read().await;
     let fx = Fixture::new(
-        "CREATE TABLE {s}.t (id int PRIMARY KEY, v text); CREATE TABLE {s}.nokey (v text);",
+        "CREATE TABLE {s}.t (id int PRIMARY KEY, v text); CREATE TABLE {s}.nokey (v text);
+         CREATE TABLE {s}.noident (id int PRIMARY KEY); ALTER TABLE {s}.noident REPLICA IDENTITY NOTHING;",
         "[[node]]\ntable = \"{s}.t\"\nlabel = \"{p}T\"\n",
     )
     .await;
@@ -157,6 +158,10 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
     let no_key = write(
         "nokey.toml",
         &format!("{slot_section}[[node]]\ntable = \"{{s}}.nokey\"\nlabel = \"{{p}}N\"\n"),
+    );
+    let no_identity = write(
+        "noident.toml",
+        &format!("{slot_section}[[node]]\ntable = \"{{s}}.noident\"\nlabel = \"{{p}}N\"\n"),
     );
     // A throwaway cluster with wal_level = replica (a cluster of ours cannot
     // be switched: Postgres refuses to start below logical with logical
@@ -209,6 +214,12 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
             vec!["--config", &no_key, "setup"],
             with(&[]),
             "has no primary key",
+        ),
+        (
+            "table with replica identity nothing",
+            vec!["--config", &no_identity, "setup"],
+            with(&[]),
+            "has REPLICA IDENTITY NOTHING",
         ),
         (
             "wrong Neo4j password",
