@@ -27,6 +27,28 @@ pub(crate) fn key_pattern(props: &[std::sync::Arc<str>], param: &str) -> String 
     format!("{{{}}}", parts.join(", "))
 }
 
+/// ` USING INDEX SEEK var:Label(p, …)`: seek the key in its index whatever
+/// the statistics say. Without it, a plan made while the label was empty or
+/// small (a fresh mapping, the first seconds of a load) scans the whole
+/// index once per row and filters (the scan looked free at 0 rows), and
+/// stays cached for seconds while the label grows — measured: single
+/// `DETACH DELETE` statements of 500 rows taking 1–2 s instead of 20–70 ms
+/// (docs/benchmarks.md). A plain `USING INDEX` hint still allows the scan.
+fn index_hint(var: &str, label_or_type: &str, props: &[std::sync::Arc<str>]) -> String {
+    let props: Vec<String> = props.iter().map(|p| quote(p)).collect();
+    format!(
+        " USING INDEX SEEK {var}:{}({})",
+        quote(label_or_type),
+        props.join(", ")
+    )
+}
+
+fn arcs(cols: &[String]) -> Vec<std::sync::Arc<str>> {
+    cols.iter()
+        .map(|c| std::sync::Arc::from(c.as_str()))
+        .collect()
+}
+
 /// Guard: the entity is a placeholder or not newer than the change.
 fn guard(var: &str) -> String {
     format!("({var}._lsn IS NULL OR {var}._lsn <= row.lsn)")
@@ -54,9 +76,10 @@ pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
 /// Delete nodes with their relationships: rows `{k, lsn}`.
 pub fn delete_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (n:{} {}) WHERE {} DETACH DELETE n",
+        "UNWIND $rows AS row MATCH (n:{} {}){} WHERE {} DETACH DELETE n",
         quote(label),
         key_pattern(key_props, "k"),
+        index_hint("n", label, key_props),
         guard("n")
     )
 }
@@ -77,12 +100,13 @@ pub fn set_owned_rels(
         (format!("()-[old:{t}]->(a)"), format!("(b)-[r:{t}]->(a)"))
     };
     format!(
-        "UNWIND $rows AS row MATCH (a:{} {}) WHERE {} \
+        "UNWIND $rows AS row MATCH (a:{} {}){} WHERE {} \
          OPTIONAL MATCH {old_pat} DELETE old \
          WITH DISTINCT a, row WHERE row.t IS NOT NULL \
          MERGE (b:{} {}) MERGE {new_pat} SET r._lsn = row.lsn",
         quote(own_label),
         key_pattern(own_key, "o"),
+        index_hint("a", own_label, own_key),
         guard("a"),
         quote(other_label),
         key_pattern(other_key, "t"),
@@ -111,13 +135,11 @@ pub fn merge_edges(
             guard("r")
         ),
         Some(cols) => {
-            let props: Vec<std::sync::Arc<str>> = cols
-                .iter()
-                .map(|c| std::sync::Arc::from(c.as_str()))
-                .collect();
+            let props = arcs(cols);
             let kp = key_pattern(&props, "k");
+            let hint = index_hint("old", rel_type, &props);
             format!(
-                "{ends}WITH a, b, row OPTIONAL MATCH (x)-[old:{t} {kp}]->(y) WHERE NOT (x = a AND y = b) AND {} DELETE old \
+                "{ends}WITH a, b, row OPTIONAL MATCH (x)-[old:{t} {kp}]->(y){hint} WHERE NOT (x = a AND y = b) AND {} DELETE old \
                  WITH DISTINCT a, b, row MERGE (a)-[r:{t} {kp}]->(b) WITH r, row WHERE {} \
                  SET r += row.p, r._lsn = row.lsn",
                 guard("old"),
@@ -134,26 +156,26 @@ pub fn delete_edges_by_ends(
     to: (&str, &[std::sync::Arc<str>]),
 ) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (a:{} {})-[r:{}]->(b:{} {}) WHERE {} DELETE r",
+        "UNWIND $rows AS row MATCH (a:{} {})-[r:{}]->(b:{} {}){}{} WHERE {} DELETE r",
         quote(from.0),
         key_pattern(from.1, "f"),
         quote(rel_type),
         quote(to.0),
         key_pattern(to.1, "t"),
+        index_hint("a", from.0, from.1),
+        index_hint("b", to.0, to.1),
         guard("r")
     )
 }
 
 /// Delete join-table edges by their key: rows `{k, lsn}`.
 pub fn delete_edges_by_key(rel_type: &str, key_cols: &[String]) -> String {
-    let props: Vec<std::sync::Arc<str>> = key_cols
-        .iter()
-        .map(|c| std::sync::Arc::from(c.as_str()))
-        .collect();
+    let props = arcs(key_cols);
     format!(
-        "UNWIND $rows AS row MATCH ()-[r:{} {}]->() WHERE {} DELETE r",
+        "UNWIND $rows AS row MATCH ()-[r:{} {}]->(){} WHERE {} DELETE r",
         quote(rel_type),
         key_pattern(&props, "k"),
+        index_hint("r", rel_type, &props),
         guard("r")
     )
 }

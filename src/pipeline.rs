@@ -230,7 +230,7 @@ async fn prepare_checks(
     let missing = sink.missing_constraints(&mapping).await?;
     if !missing.is_empty() {
         return Err(RunError::NotReady(format!(
-            "Neo4j has no uniqueness constraint for {}; run `walgraph setup` to create them",
+            "Neo4j lacks {}; run `walgraph setup` to create what walgraph needs",
             missing.join(", ")
         )));
     }

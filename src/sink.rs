@@ -521,46 +521,56 @@ impl Sink {
         }
     }
 
-    /// Labels (or types) with their key properties that lack a uniqueness
-    /// constraint.
+    /// Labels with their key properties that lack a uniqueness constraint,
+    /// and relationship types whose edge key lacks an index (walgraph's
+    /// statements name these indexes in hints, so they must exist).
     pub async fn missing_constraints(&self, mapping: &Mapping) -> Result<Vec<String>, SinkError> {
-        let mut have = Vec::new();
-        self.timed("reading constraints", async {
-            let mut rows = self
-                .graph
-                .execute(query(
-                    "SHOW CONSTRAINTS YIELD labelsOrTypes, properties, type WHERE type = 'UNIQUENESS' RETURN labelsOrTypes, properties",
-                ))
-                .await
-                .map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                let labels: Vec<String> = row.get("labelsOrTypes").unwrap_or_default();
-                let props: Vec<String> = row.get("properties").unwrap_or_default();
-                have.push((labels, props));
+        // (kind, labels or types, properties)
+        let mut have: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+        for q in [
+            "SHOW CONSTRAINTS YIELD labelsOrTypes, properties, type WHERE type = 'UNIQUENESS' \
+             RETURN 'node' AS kind, labelsOrTypes, properties",
+            "SHOW INDEXES YIELD labelsOrTypes, properties, type, entityType \
+             WHERE type = 'RANGE' AND entityType = 'RELATIONSHIP' \
+             RETURN 'relationship' AS kind, labelsOrTypes, properties",
+        ] {
+            self.timed("reading constraints", async {
+                let mut rows = self
+                    .graph
+                    .execute(query(q))
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                    let kind: String = row.get("kind").unwrap_or_default();
+                    let labels: Vec<String> = row.get("labelsOrTypes").unwrap_or_default();
+                    let props: Vec<String> = row.get("properties").unwrap_or_default();
+                    have.push((kind, labels, props));
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let lacks = |kind: &str, name: &str, props: &[String]| {
+            !have
+                .iter()
+                .any(|(k, l, p)| k == kind && l.len() == 1 && l[0] == name && p == props)
+        };
+        let mut missing = Vec::new();
+        for (label, props) in mapping.node_keys() {
+            let props: Vec<String> = props.iter().map(|p| p.to_string()).collect();
+            if lacks("node", &label, &props) {
+                missing.push(format!(
+                    "a uniqueness constraint on {label}({})",
+                    props.join(", ")
+                ));
             }
-            Ok(())
-        })
-        .await?;
-        Ok(mapping
-            .node_keys()
-            .into_iter()
-            .filter(|(label, props)| {
-                let props: Vec<String> = props.iter().map(|p| p.to_string()).collect();
-                !have
-                    .iter()
-                    .any(|(l, p)| l.len() == 1 && l[0] == **label && *p == props)
-            })
-            .map(|(label, props)| {
-                format!(
-                    "{label}({})",
-                    props
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-            .collect())
+        }
+        for (rel_type, props) in mapping.edge_keys() {
+            if lacks("relationship", &rel_type, &props) {
+                missing.push(format!("an index on [:{rel_type}]({})", props.join(", ")));
+            }
+        }
+        Ok(missing)
     }
 
     async fn schema_names(&self) -> Result<Vec<String>, SinkError> {

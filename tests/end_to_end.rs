@@ -668,3 +668,57 @@ async fn a_second_run_on_a_slot_in_use_stops_with_a_sentence() {
     let _ = first.wait().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_upsert_delete_and_carry_relationships() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.sites (region text, id int, name text, PRIMARY KEY (region, id));
+         CREATE TABLE {s}.racks (id int PRIMARY KEY, region text, site int,
+           FOREIGN KEY (region, site) REFERENCES {s}.sites);",
+        r#"
+[[node]]
+table = "{s}.sites"
+label = "{p}Site"
+[[node]]
+table = "{s}.racks"
+label = "{p}Rack"
+[[relationship]]
+table = "{s}.racks"
+type = "{p}IN_SITE"
+from = { label = "{p}Rack", columns = ["id"] }
+to = { label = "{p}Site", columns = ["region", "site"] }
+"#,
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql(
+        "INSERT INTO {s}.sites VALUES ('eu', 1, 'a'), ('eu', 2, 'b'), ('us', 1, 'c');
+         INSERT INTO {s}.racks VALUES (10, 'eu', 1), (11, 'us', 1), (12, 'eu', 2);
+         UPDATE {s}.sites SET name = 'a2' WHERE region = 'eu' AND id = 1;
+         UPDATE {s}.racks SET region = 'eu', site = 2 WHERE id = 11;
+         DELETE FROM {s}.racks WHERE id = 12;
+         DELETE FROM {s}.sites WHERE region = 'us' AND id = 1;",
+    )
+    .await;
+    let want = json!([
+        {"rack": 10, "region": "eu", "site": 1, "name": "a2"},
+        {"rack": 11, "region": "eu", "site": 2, "name": "b"},
+    ]);
+    eventually(Duration::from_secs(30), "sites and racks", || async {
+        let got = fx
+            .cypher(
+                "MATCH (r:{p}Rack)-[:{p}IN_SITE]->(s:{p}Site) \
+                 RETURN r.id AS rack, s.region AS region, s.id AS site, s.name AS name ORDER BY rack",
+            )
+            .await;
+        let sites = fx
+            .cypher("MATCH (s:{p}Site) RETURN count(s) AS n")
+            .await;
+        (json!(got) == want && sites == vec![json!({"n": 2})]).then_some(())
+    })
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}

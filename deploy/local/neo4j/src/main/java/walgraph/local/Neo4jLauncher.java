@@ -42,6 +42,20 @@ import org.neo4j.dbms.api.DatabaseManagementServiceBuilder;
 public final class Neo4jLauncher {
     private static final String HOST = "127.0.0.1";
 
+    /** Extra Neo4j settings, for diagnosis ("key=value;key=value"), as a file of them in home. */
+    private static Path extraSettings(Path home, String spec) throws java.io.IOException {
+        StringBuilder out = new StringBuilder();
+        for (String part : spec.split(";")) {
+            if (part.indexOf('=') > 0) {
+                out.append(part.strip()).append('\n');
+            }
+        }
+        Files.createDirectories(home);
+        Path file = home.resolve("extra-settings.conf");
+        Files.writeString(file, out.toString());
+        return file;
+    }
+
     public static void main(String[] args) throws Exception {
         if (args.length == 2 && args[0].equals("check")) {
             String problem = boltCheck(Integer.parseInt(args[1]), System.getenv().getOrDefault("WALGRAPH_NEO4J_PASSWORD", ""));
@@ -77,6 +91,7 @@ public final class Neo4jLauncher {
                 // and Bolt's netty does not wait for 5 s of quiet before it stops.
                 .setConfig(GraphDatabaseSettings.shutdown_transaction_end_timeout, Duration.ofSeconds(2))
                 .setConfig(GraphDatabaseInternalSettings.netty_server_shutdown_quiet_period, 0)
+                .loadPropertiesFromFile(extraSettings(home, System.getenv().getOrDefault("WALGRAPH_NEO4J_SETTINGS", "")))
                 .build();
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
             log("shutting down");
