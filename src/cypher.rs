@@ -49,6 +49,12 @@ fn arcs(cols: &[String]) -> Vec<std::sync::Arc<str>> {
         .collect()
 }
 
+/// Starts every statement: keep the cached plan. The hints fix each plan's
+/// shape, so a replan can only cost time; Neo4j replans a statement when its
+/// label's statistics change (every ~10 s while a label grows), and a wave
+/// of replans stalled batches by 100–300 ms (docs/benchmarks.md).
+const PREFIX: &str = "CYPHER replan=skip ";
+
 /// Guard: the entity is a placeholder or not newer than the change.
 fn guard(var: &str) -> String {
     format!("({var}._lsn IS NULL OR {var}._lsn <= row.lsn)")
@@ -57,7 +63,7 @@ fn guard(var: &str) -> String {
 /// Upsert nodes: rows `{k, p, lsn}`.
 pub fn upsert_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
-        "UNWIND $rows AS row MERGE (n:{} {}) WITH n, row WHERE {} SET n += row.p, n._lsn = row.lsn",
+        "{PREFIX}UNWIND $rows AS row MERGE (n:{} {}) WITH n, row WHERE {} SET n += row.p, n._lsn = row.lsn",
         quote(label),
         key_pattern(key_props, "k"),
         guard("n")
@@ -67,7 +73,7 @@ pub fn upsert_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
 /// Create placeholder nodes unless they exist: rows `{k}`.
 pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
-        "UNWIND $rows AS row MERGE (n:{} {})",
+        "{PREFIX}UNWIND $rows AS row MERGE (n:{} {})",
         quote(label),
         key_pattern(key_props, "k")
     )
@@ -76,7 +82,7 @@ pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
 /// Delete nodes with their relationships: rows `{k, lsn}`.
 pub fn delete_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (n:{} {}){} WHERE {} DETACH DELETE n",
+        "{PREFIX}UNWIND $rows AS row MATCH (n:{} {}){} WHERE {} DETACH DELETE n",
         quote(label),
         key_pattern(key_props, "k"),
         index_hint("n", label, key_props),
@@ -100,7 +106,7 @@ pub fn set_owned_rels(
         (format!("()-[old:{t}]->(a)"), format!("(b)-[r:{t}]->(a)"))
     };
     format!(
-        "UNWIND $rows AS row MATCH (a:{} {}){} WHERE {} \
+        "{PREFIX}UNWIND $rows AS row MATCH (a:{} {}){} WHERE {} \
          OPTIONAL MATCH {old_pat} DELETE old \
          WITH DISTINCT a, row WHERE row.t IS NOT NULL \
          MERGE (b:{} {}) MERGE {new_pat} SET r._lsn = row.lsn",
@@ -123,7 +129,7 @@ pub fn merge_edges(
 ) -> String {
     let t = quote(rel_type);
     let ends = format!(
-        "UNWIND $rows AS row MERGE (a:{} {}) MERGE (b:{} {}) ",
+        "{PREFIX}UNWIND $rows AS row MERGE (a:{} {}) MERGE (b:{} {}) ",
         quote(from.0),
         key_pattern(from.1, "f"),
         quote(to.0),
@@ -156,7 +162,7 @@ pub fn delete_edges_by_ends(
     to: (&str, &[std::sync::Arc<str>]),
 ) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (a:{} {})-[r:{}]->(b:{} {}){}{} WHERE {} DELETE r",
+        "{PREFIX}UNWIND $rows AS row MATCH (a:{} {})-[r:{}]->(b:{} {}){}{} WHERE {} DELETE r",
         quote(from.0),
         key_pattern(from.1, "f"),
         quote(rel_type),
@@ -172,7 +178,7 @@ pub fn delete_edges_by_ends(
 pub fn delete_edges_by_key(rel_type: &str, key_cols: &[String]) -> String {
     let props = arcs(key_cols);
     format!(
-        "UNWIND $rows AS row MATCH ()-[r:{} {}]->(){} WHERE {} DELETE r",
+        "{PREFIX}UNWIND $rows AS row MATCH ()-[r:{} {}]->(){} WHERE {} DELETE r",
         quote(rel_type),
         key_pattern(&props, "k"),
         index_hint("r", rel_type, &props),
@@ -182,12 +188,12 @@ pub fn delete_edges_by_key(rel_type: &str, key_cols: &[String]) -> String {
 
 /// Delete every node of a label (TRUNCATE).
 pub fn truncate_label(label: &str) -> String {
-    format!("MATCH (n:{}) DETACH DELETE n", quote(label))
+    format!("{PREFIX}MATCH (n:{}) DETACH DELETE n", quote(label))
 }
 
 /// Delete every relationship of a type (TRUNCATE).
 pub fn truncate_type(rel_type: &str) -> String {
-    format!("MATCH ()-[r:{}]->() DELETE r", quote(rel_type))
+    format!("{PREFIX}MATCH ()-[r:{}]->() DELETE r", quote(rel_type))
 }
 
 /// Converts a value to its Bolt form. Neo4j properties cannot hold maps or
@@ -268,7 +274,7 @@ mod tests {
         let q = upsert_nodes("User", &[Arc::from("id")]);
         assert_eq!(
             q,
-            "UNWIND $rows AS row MERGE (n:`User` {`id`: row.k[0]}) WITH n, row WHERE (n._lsn IS NULL OR n._lsn <= row.lsn) SET n += row.p, n._lsn = row.lsn"
+            "CYPHER replan=skip UNWIND $rows AS row MERGE (n:`User` {`id`: row.k[0]}) WITH n, row WHERE (n._lsn IS NULL OR n._lsn <= row.lsn) SET n += row.p, n._lsn = row.lsn"
         );
         assert!(truncate_label("a`b").contains("`a``b`"));
     }
