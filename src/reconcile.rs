@@ -259,31 +259,70 @@ async fn reconcile_nodes(
                 .await?;
         }
     }
-    // Nodes whose row is gone.
+    // Nodes whose row is gone, read back in pages: by key through its index
+    // for a one-property key (each page a range seek), else by internal id.
+    let label = quote(&node.label);
+    let single = match node.key_props.as_slice() {
+        [p] => Some(quote(p)),
+        _ => None,
+    };
+    let mut cursor: Option<BoltType> = None;
     let mut last_id = -1i64;
     loop {
+        let q = match (&single, &cursor) {
+            (Some(p), None) => format!(
+                "MATCH (n:{label}) WHERE n.{p} IS NOT NULL \
+                 RETURN n.{p} AS cursor, [n.{p}] AS key, n._lsn IS NULL AS placeholder ORDER BY n.{p} LIMIT $limit"
+            ),
+            (Some(p), Some(_)) => format!(
+                "MATCH (n:{label}) USING INDEX SEEK n:{label}({p}) WHERE n.{p} > $after \
+                 RETURN n.{p} AS cursor, [n.{p}] AS key, n._lsn IS NULL AS placeholder ORDER BY n.{p} LIMIT $limit"
+            ),
+            (None, _) => format!(
+                "MATCH (n:{label}) WHERE id(n) > $last_id RETURN id(n) AS id, [p IN $props | n[p]] AS key, \
+                 n._lsn IS NULL AS placeholder ORDER BY id LIMIT $limit"
+            ),
+        };
         let mut rows = sink
             .graph()
             .execute(
-                query(&format!(
-                    "MATCH (n:{}) WHERE id(n) > $after RETURN id(n) AS id, [p IN $props | n[p]] AS key, \
-                     n._lsn IS NULL AS placeholder ORDER BY id LIMIT $limit",
-                    quote(&node.label)
-                ))
-                .param("after", last_id)
-                .param("props", node.key_props.iter().map(|p| p.to_string()).collect::<Vec<_>>())
-                .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
+                query(&q)
+                    .param(
+                        "after",
+                        cursor.clone().unwrap_or(BoltType::Null(neo4rs::BoltNull)),
+                    )
+                    .param("last_id", last_id)
+                    .param(
+                        "props",
+                        node.key_props
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>(),
+                    )
+                    .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
             )
             .await?;
         let mut batch: Vec<(Vec<BoltType>, bool)> = Vec::new();
+        let page_start = (cursor.clone(), last_id);
         while let Some(row) = rows.next().await? {
-            last_id = row.get::<i64>("id").unwrap_or(last_id);
+            if single.is_some() {
+                cursor = row.get::<BoltType>("cursor").ok().or(cursor);
+            } else {
+                last_id = row.get::<i64>("id").unwrap_or(last_id);
+            }
             let key: BoltList = row.get("key").unwrap_or_default();
             let placeholder = row.get::<bool>("placeholder").unwrap_or(false);
             batch.push((key.value, placeholder));
         }
         if batch.is_empty() {
             break;
+        }
+        if (cursor.clone(), last_id) == page_start {
+            anyhow::bail!(
+                "reading the nodes of {} did not advance past {:?}; a key property of an unexpected type?",
+                node.label,
+                cursor
+            );
         }
         report.in_graph += batch.len() as u64;
         let real: Vec<Vec<BoltType>> = batch
