@@ -33,6 +33,7 @@ pub mod map;
 pub mod mapping;
 pub mod peek;
 pub mod pipeline;
+pub mod progress;
 pub mod reconcile;
 pub mod sink;
 pub mod snapshot;

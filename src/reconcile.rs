@@ -31,8 +31,9 @@ use crate::lsn::Lsn;
 use crate::map::{GraphOp, Mapper, NodeRef};
 use crate::mapping::{quote, Mapping, NodeTarget, RelKind, RelTarget};
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::sink::Sink;
-use crate::snapshot::{describe_table, read_chunk, Progress, Table, TEXT_FORMATS};
+use crate::snapshot::{describe_table, read_chunk, Table, TEXT_FORMATS};
 
 /// How to reconcile.
 #[derive(Debug, Clone)]

@@ -22,7 +22,6 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -38,6 +37,7 @@ use crate::lsn::Lsn;
 use crate::map::Mapper;
 use crate::mapping::Mapping;
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::sink::Sink;
 use crate::source::ReplicationStream;
 use crate::transactions::{Change, Op};
@@ -285,79 +285,6 @@ pub(crate) async fn describe_table(
         key,
         relation,
     })
-}
-
-/// Reports progress on a terminal (a bar) or in the log (snapshot,
-/// reconcile).
-pub(crate) struct Progress {
-    what: &'static str,
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    done: u64,
-    started: Instant,
-    last_log: Instant,
-}
-
-impl Progress {
-    pub(crate) fn new(what: &'static str, total: u64, already: u64, bar: bool) -> Self {
-        let bar = bar.then(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            b.set_position(already);
-            b.reset_eta();
-            b
-        });
-        Progress {
-            what,
-            bar,
-            total,
-            done: already,
-            started: Instant::now(),
-            last_log: Instant::now(),
-        }
-    }
-
-    pub(crate) fn table(&self, name: &str) {
-        if let Some(b) = &self.bar {
-            b.set_message(name.to_string());
-        }
-    }
-
-    pub(crate) fn add(&mut self, rows: u64, table: &str, started_at: u64) {
-        self.done += rows;
-        if let Some(b) = &self.bar {
-            b.inc(rows);
-            return;
-        }
-        if self.last_log.elapsed() >= Duration::from_secs(5) {
-            self.last_log = Instant::now();
-            let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            let rate = (self.done - started_at) as f64 / secs;
-            let left = self.total.saturating_sub(self.done) as f64;
-            let eta = if rate > 0.0 { left / rate } else { 0.0 };
-            tracing::info!(
-                %table,
-                rows = self.done,
-                of = self.total,
-                rows_per_sec = rate.round(),
-                eta_secs = eta.round(),
-                "{} progress",
-                self.what
-            );
-        }
-    }
-
-    pub(crate) fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish();
-        }
-    }
 }
 
 /// Copies every mapped table into the graph, each chunk under an exported
