@@ -528,29 +528,58 @@ async fn reconcile_edges(
             rel.rel_type
         );
     }
+    // Read back in pages: by the edge key through its index when it is one
+    // column (a range seek per page), else by internal id.
+    let rt = quote(&rel.rel_type);
+    let single = match (pair_identity, edge_props.as_slice()) {
+        (false, [p]) => Some(quote(p)),
+        _ => None,
+    };
+    let returned = "[x IN $kp | r[x]] AS k, [x IN $fp | a[x]] AS f, [x IN $tp | b[x]] AS t";
+    let mut cursor: Option<BoltType> = None;
     let mut last_id = -1i64;
     loop {
+        let q = match (&single, &cursor) {
+            (Some(p), None) => format!(
+                "MATCH (a)-[r:{rt}]->(b) WHERE r.{p} IS NOT NULL \
+                 RETURN r.{p} AS cursor, {returned} ORDER BY r.{p} LIMIT $limit"
+            ),
+            (Some(p), Some(_)) => format!(
+                "MATCH (a)-[r:{rt}]->(b) USING INDEX SEEK r:{rt}({p}) WHERE r.{p} > $after \
+                 RETURN r.{p} AS cursor, {returned} ORDER BY r.{p} LIMIT $limit"
+            ),
+            (None, _) => format!(
+                "MATCH (a)-[r:{rt}]->(b) WHERE id(r) > $last_id \
+                 RETURN id(r) AS id, {returned} ORDER BY id LIMIT $limit"
+            ),
+        };
         let mut rows = sink
             .graph()
             .execute(
-                query(&format!(
-                    "MATCH (a)-[r:{}]->(b) WHERE id(r) > $after \
-                     RETURN id(r) AS id, [x IN $kp | r[x]] AS k, [x IN $fp | a[x]] AS f, [x IN $tp | b[x]] AS t \
-                     ORDER BY id LIMIT $limit",
-                    quote(&rel.rel_type)
-                ))
-                .param("after", last_id)
-                .param("kp", rel.key_columns.clone())
-                .param("fp", from_props.clone())
-                .param("tp", to_props.clone())
-                .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
+                query(&q)
+                    .param(
+                        "after",
+                        cursor.clone().unwrap_or(BoltType::Null(neo4rs::BoltNull)),
+                    )
+                    .param("last_id", last_id)
+                    .param("kp", rel.key_columns.clone())
+                    .param("fp", from_props.clone())
+                    .param("tp", to_props.clone())
+                    .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
             )
             .await?;
         // (row key in table order, edge key, from key, to key)
         type Seen = (Vec<BoltType>, Vec<BoltType>, Vec<BoltType>, Vec<BoltType>);
         let mut batch: Vec<Seen> = Vec::new();
+        let page_start = (cursor.clone(), last_id);
+        let mut read = 0u64;
         while let Some(row) = rows.next().await? {
-            last_id = row.get::<i64>("id").unwrap_or(last_id);
+            read += 1;
+            if single.is_some() {
+                cursor = row.get::<BoltType>("cursor").ok().or(cursor);
+            } else {
+                last_id = row.get::<i64>("id").unwrap_or(last_id);
+            }
             let k: BoltList = row.get("k").unwrap_or_default();
             let f: BoltList = row.get("f").unwrap_or_default();
             let to: BoltList = row.get("t").unwrap_or_default();
@@ -569,10 +598,17 @@ async fn reconcile_edges(
                 batch.push((row_key, k.value, f.value, to.value));
             }
         }
-        if batch.is_empty() {
+        if read == 0 {
             break;
         }
-        report.in_graph += batch.len() as u64;
+        if (cursor.clone(), last_id) == page_start {
+            anyhow::bail!(
+                "reading the relationships of {} did not advance past {:?}; a key property of an unexpected type?",
+                rel.rel_type,
+                cursor
+            );
+        }
+        report.in_graph += read;
         let keys: Vec<Vec<BoltType>> = batch.iter().map(|b| b.0.clone()).collect();
         let present = rows_present(c, t, &keys).await?;
         let mut deletes = Batcher::new();

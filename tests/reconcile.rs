@@ -113,7 +113,8 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
         String::from_utf8_lossy(&clean.stderr)
     );
 
-    // Behind walgraph's back.
+    // Behind walgraph's back. (The dry run below reads in chunks of 7, so
+    // rows and graph entities are compared and read back over many pages.)
     fx.cypher_write("MATCH (i:{p}Item {id: 5}) DETACH DELETE i")
         .await;
     fx.cypher_write("MATCH (i:{p}Item {id: 7}) SET i.val = -1")
@@ -150,7 +151,15 @@ async fn reconcile_finds_and_repairs_what_changed_behind_walgraphs_back() {
     .await;
 
     let found = fx
-        .walgraph(&["--config", &config, "reconcile", "--json", "--dry-run"])
+        .walgraph(&[
+            "--config",
+            &config,
+            "reconcile",
+            "--json",
+            "--dry-run",
+            "--chunk-rows",
+            "7",
+        ])
         .await;
     assert!(
         !found.status.success(),
