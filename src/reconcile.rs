@@ -107,6 +107,90 @@ struct Ctx<'a> {
     opts: &'a ReconcileOptions,
 }
 
+impl Ctx<'_> {
+    /// Writes the repairs collected so far (with `--repair`).
+    async fn flush(&self, repairs: &mut Batcher) -> anyhow::Result<()> {
+        if self.opts.repair && repairs.changes() > 0 {
+            self.sink
+                .apply_with(&repairs.take(self.mapping), query("RETURN 1"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a label's nodes or a type's relationships back in pages: by a
+/// one-property key through its index when there is one (a range seek per
+/// page, in the index's order), else by internal id (a scan per page).
+struct Pager {
+    /// `MATCH` pattern binding `var`.
+    pattern: String,
+    var: &'static str,
+    /// Quoted label or type.
+    name: String,
+    /// Quoted key property, when the key is one property with an index.
+    key: Option<String>,
+    /// What each row returns besides the position.
+    returned: String,
+    cursor: Option<BoltType>,
+    last_id: i64,
+}
+
+impl Pager {
+    fn query(&self, limit: usize) -> neo4rs::Query {
+        let (pattern, var, name, returned) = (&self.pattern, self.var, &self.name, &self.returned);
+        let text = match (&self.key, &self.cursor) {
+            (Some(p), None) => format!(
+                "MATCH {pattern} WHERE {var}.{p} IS NOT NULL \
+                 RETURN {var}.{p} AS cursor, {returned} ORDER BY {var}.{p} LIMIT $limit"
+            ),
+            (Some(p), Some(_)) => format!(
+                "MATCH {pattern} USING INDEX SEEK {var}:{name}({p}) WHERE {var}.{p} > $after \
+                 RETURN {var}.{p} AS cursor, {returned} ORDER BY {var}.{p} LIMIT $limit"
+            ),
+            (None, _) => format!(
+                "MATCH {pattern} WHERE id({var}) > $last_id \
+                 RETURN id({var}) AS id, {returned} ORDER BY id LIMIT $limit"
+            ),
+        };
+        query(&text)
+            .param(
+                "after",
+                self.cursor
+                    .clone()
+                    .unwrap_or(BoltType::Null(neo4rs::BoltNull)),
+            )
+            .param("last_id", self.last_id)
+            .param("limit", i64::try_from(limit).unwrap_or(10_000))
+    }
+
+    fn position(&self) -> (Option<BoltType>, i64) {
+        (self.cursor.clone(), self.last_id)
+    }
+
+    fn advance(&mut self, row: &neo4rs::Row) {
+        if self.key.is_some() {
+            if let Ok(c) = row.get::<BoltType>("cursor") {
+                self.cursor = Some(c);
+            }
+        } else {
+            self.last_id = row.get::<i64>("id").unwrap_or(self.last_id);
+        }
+    }
+
+    /// Fails when a page did not move the position (it would repeat forever).
+    fn check_moved(&self, from: &(Option<BoltType>, i64)) -> anyhow::Result<()> {
+        if self.position() == *from {
+            anyhow::bail!(
+                "reading {} back did not advance past {:?}; a key property of an unexpected type?",
+                self.name,
+                self.cursor
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Compares (and with `repair`, fixes) every mapped node table and join
 /// table.
 pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<Vec<TableReport>> {
@@ -255,62 +339,32 @@ async fn reconcile_nodes(
                 repairs.push_transaction(vec![ops], Lsn::ZERO);
             }
         }
-        if opts.repair && repairs.changes() > 0 {
-            sink.apply_with(&repairs.take(mapping), query("RETURN 1"))
-                .await?;
-        }
+        cx.flush(&mut repairs).await?;
     }
-    // Nodes whose row is gone, read back in pages: by key through its index
-    // for a one-property key (each page a range seek), else by internal id.
+    // Nodes whose row is gone.
     let label = quote(&node.label);
-    let single = match node.key_props.as_slice() {
-        [p] => Some(quote(p)),
-        _ => None,
+    let mut pager = Pager {
+        pattern: format!("(n:{label})"),
+        var: "n",
+        name: label.clone(),
+        key: match node.key_props.as_slice() {
+            [p] => Some(quote(p)),
+            _ => None,
+        },
+        returned: "[p IN $props | n[p]] AS key, n._lsn IS NULL AS placeholder".into(),
+        cursor: None,
+        last_id: -1,
     };
-    let mut cursor: Option<BoltType> = None;
-    let mut last_id = -1i64;
+    let props: Vec<String> = node.key_props.iter().map(|p| p.to_string()).collect();
     loop {
-        let q = match (&single, &cursor) {
-            (Some(p), None) => format!(
-                "MATCH (n:{label}) WHERE n.{p} IS NOT NULL \
-                 RETURN n.{p} AS cursor, [n.{p}] AS key, n._lsn IS NULL AS placeholder ORDER BY n.{p} LIMIT $limit"
-            ),
-            (Some(p), Some(_)) => format!(
-                "MATCH (n:{label}) USING INDEX SEEK n:{label}({p}) WHERE n.{p} > $after \
-                 RETURN n.{p} AS cursor, [n.{p}] AS key, n._lsn IS NULL AS placeholder ORDER BY n.{p} LIMIT $limit"
-            ),
-            (None, _) => format!(
-                "MATCH (n:{label}) WHERE id(n) > $last_id RETURN id(n) AS id, [p IN $props | n[p]] AS key, \
-                 n._lsn IS NULL AS placeholder ORDER BY id LIMIT $limit"
-            ),
-        };
+        let start = pager.position();
         let mut rows = sink
             .graph()
-            .execute(
-                query(&q)
-                    .param(
-                        "after",
-                        cursor.clone().unwrap_or(BoltType::Null(neo4rs::BoltNull)),
-                    )
-                    .param("last_id", last_id)
-                    .param(
-                        "props",
-                        node.key_props
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>(),
-                    )
-                    .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
-            )
+            .execute(pager.query(opts.chunk_rows).param("props", props.clone()))
             .await?;
         let mut batch: Vec<(Vec<BoltType>, bool)> = Vec::new();
-        let page_start = (cursor.clone(), last_id);
         while let Some(row) = rows.next().await? {
-            if single.is_some() {
-                cursor = row.get::<BoltType>("cursor").ok().or(cursor);
-            } else {
-                last_id = row.get::<i64>("id").unwrap_or(last_id);
-            }
+            pager.advance(&row);
             let key: BoltList = row.get("key").unwrap_or_default();
             let placeholder = row.get::<bool>("placeholder").unwrap_or(false);
             batch.push((key.value, placeholder));
@@ -318,13 +372,7 @@ async fn reconcile_nodes(
         if batch.is_empty() {
             break;
         }
-        if (cursor.clone(), last_id) == page_start {
-            anyhow::bail!(
-                "reading the nodes of {} did not advance past {:?}; a key property of an unexpected type?",
-                node.label,
-                cursor
-            );
-        }
+        pager.check_moved(&start)?;
         report.in_graph += batch.len() as u64;
         let real: Vec<Vec<BoltType>> = batch
             .into_iter()
@@ -351,10 +399,7 @@ async fn reconcile_nodes(
                 }
             }
         }
-        if opts.repair && deletes.changes() > 0 {
-            sink.apply_with(&deletes.take(mapping), query("RETURN 1"))
-                .await?;
-        }
+        cx.flush(&mut deletes).await?;
     }
     report.repaired = opts.repair && report.differs();
     Ok(report)
@@ -367,7 +412,7 @@ async fn reconcile_edges(
     rel: &RelTarget,
     progress: &mut Progress,
 ) -> anyhow::Result<TableReport> {
-    let (sink, c, mapping, opts, stamp) = (cx.sink, cx.c, cx.mapping, cx.opts, cx.stamp);
+    let (sink, c, opts, stamp) = (cx.sink, cx.c, cx.opts, cx.stamp);
     let pair_identity = matches!(
         rel.kind,
         RelKind::Edge {
@@ -497,10 +542,7 @@ async fn reconcile_edges(
                 repairs.push_transaction(vec![vec![op]], Lsn::ZERO);
             }
         }
-        if opts.repair && repairs.changes() > 0 {
-            sink.apply_with(&repairs.take(mapping), query("RETURN 1"))
-                .await?;
-        }
+        cx.flush(&mut repairs).await?;
     }
     // Edges whose row is gone: their identity (the edge key, or the two
     // ends' keys) put in the table's key order.
@@ -528,58 +570,38 @@ async fn reconcile_edges(
             rel.rel_type
         );
     }
-    // Read back in pages: by the edge key through its index when it is one
-    // column (a range seek per page), else by internal id.
     let rt = quote(&rel.rel_type);
-    let single = match (pair_identity, edge_props.as_slice()) {
-        (false, [p]) => Some(quote(p)),
-        _ => None,
+    let mut pager = Pager {
+        pattern: format!("(a)-[r:{rt}]->(b)"),
+        var: "r",
+        name: rt.clone(),
+        key: match (pair_identity, edge_props.as_slice()) {
+            (false, [p]) => Some(quote(p)),
+            _ => None,
+        },
+        returned: "[x IN $kp | r[x]] AS k, [x IN $fp | a[x]] AS f, [x IN $tp | b[x]] AS t".into(),
+        cursor: None,
+        last_id: -1,
     };
-    let returned = "[x IN $kp | r[x]] AS k, [x IN $fp | a[x]] AS f, [x IN $tp | b[x]] AS t";
-    let mut cursor: Option<BoltType> = None;
-    let mut last_id = -1i64;
     loop {
-        let q = match (&single, &cursor) {
-            (Some(p), None) => format!(
-                "MATCH (a)-[r:{rt}]->(b) WHERE r.{p} IS NOT NULL \
-                 RETURN r.{p} AS cursor, {returned} ORDER BY r.{p} LIMIT $limit"
-            ),
-            (Some(p), Some(_)) => format!(
-                "MATCH (a)-[r:{rt}]->(b) USING INDEX SEEK r:{rt}({p}) WHERE r.{p} > $after \
-                 RETURN r.{p} AS cursor, {returned} ORDER BY r.{p} LIMIT $limit"
-            ),
-            (None, _) => format!(
-                "MATCH (a)-[r:{rt}]->(b) WHERE id(r) > $last_id \
-                 RETURN id(r) AS id, {returned} ORDER BY id LIMIT $limit"
-            ),
-        };
+        let start = pager.position();
         let mut rows = sink
             .graph()
             .execute(
-                query(&q)
-                    .param(
-                        "after",
-                        cursor.clone().unwrap_or(BoltType::Null(neo4rs::BoltNull)),
-                    )
-                    .param("last_id", last_id)
+                pager
+                    .query(opts.chunk_rows)
                     .param("kp", rel.key_columns.clone())
                     .param("fp", from_props.clone())
-                    .param("tp", to_props.clone())
-                    .param("limit", i64::try_from(opts.chunk_rows).unwrap_or(10_000)),
+                    .param("tp", to_props.clone()),
             )
             .await?;
         // (row key in table order, edge key, from key, to key)
         type Seen = (Vec<BoltType>, Vec<BoltType>, Vec<BoltType>, Vec<BoltType>);
         let mut batch: Vec<Seen> = Vec::new();
-        let page_start = (cursor.clone(), last_id);
         let mut read = 0u64;
         while let Some(row) = rows.next().await? {
             read += 1;
-            if single.is_some() {
-                cursor = row.get::<BoltType>("cursor").ok().or(cursor);
-            } else {
-                last_id = row.get::<i64>("id").unwrap_or(last_id);
-            }
+            pager.advance(&row);
             let k: BoltList = row.get("k").unwrap_or_default();
             let f: BoltList = row.get("f").unwrap_or_default();
             let to: BoltList = row.get("t").unwrap_or_default();
@@ -601,13 +623,7 @@ async fn reconcile_edges(
         if read == 0 {
             break;
         }
-        if (cursor.clone(), last_id) == page_start {
-            anyhow::bail!(
-                "reading the relationships of {} did not advance past {:?}; a key property of an unexpected type?",
-                rel.rel_type,
-                cursor
-            );
-        }
+        pager.check_moved(&start)?;
         report.in_graph += read;
         let keys: Vec<Vec<BoltType>> = batch.iter().map(|b| b.0.clone()).collect();
         let present = rows_present(c, t, &keys).await?;
@@ -646,10 +662,7 @@ async fn reconcile_edges(
                 deletes.push_transaction(vec![vec![op]], Lsn::ZERO);
             }
         }
-        if opts.repair && deletes.changes() > 0 {
-            sink.apply_with(&deletes.take(mapping), query("RETURN 1"))
-                .await?;
-        }
+        cx.flush(&mut deletes).await?;
     }
     report.repaired = opts.repair && report.differs();
     Ok(report)
