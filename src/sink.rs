@@ -286,44 +286,44 @@ impl Sink {
     /// Applies a batch and moves the checkpoint to its end LSN, in one
     /// transaction. Returns only after the commit.
     pub async fn apply(&self, batch: &Batch, dead: &[DeadLetter]) -> Result<(), SinkError> {
+        let dead_letters = dead.iter().map(|d| {
+            query(
+                "CREATE (:WalgraphDeadLetter {slot: $slot, table: $table, key: $key, lsn: $lsn, \
+                 lsn_text: $lsn_text, operation: $operation, error: $error, at: datetime()})",
+            )
+            .param("slot", self.slot.as_str())
+            .param("table", d.table.as_str())
+            .param("key", d.key.as_str())
+            .param("lsn", d.lsn.map(Lsn::to_i64))
+            .param("lsn_text", d.lsn.map(|l| l.to_string()))
+            .param("operation", d.operation.as_str())
+            .param("error", d.error.as_str())
+        });
+        let checkpoint = checkpoint::write_query(
+            &self.slot,
+            batch.checkpoint(),
+            batch.commits.last().map(|c| c.0),
+        );
+        self.commit_all(
+            dead_letters
+                .chain(statements(batch))
+                .chain(std::iter::once(checkpoint)),
+        )
+        .await
+    }
+
+    /// Runs `queries` in one transaction and commits it; rolls back at the
+    /// first failure.
+    async fn commit_all(&self, queries: impl Iterator<Item = Query>) -> Result<(), SinkError> {
         self.disable_nagle();
         self.timed("writing a batch", async {
             let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
-            for d in dead {
-                let q = query(
-                    "CREATE (:WalgraphDeadLetter {slot: $slot, table: $table, key: $key, lsn: $lsn, \
-                     lsn_text: $lsn_text, operation: $operation, error: $error, at: datetime()})",
-                )
-                .param("slot", self.slot.as_str())
-                .param("table", d.table.as_str())
-                .param("key", d.key.as_str())
-                .param("lsn", d.lsn.map(Lsn::to_i64))
-                .param("lsn_text", d.lsn.map(|l| l.to_string()))
-                .param("operation", d.operation.as_str())
-                .param("error", d.error.as_str());
+            for q in queries {
                 if let Err(e) = txn.run(q).await {
                     let e = self.err(e);
                     let _ = txn.rollback().await;
                     return Err(e);
                 }
-            }
-            for st in &batch.statements {
-                let q = query(&st.cypher).param("rows", BoltType::List(st.rows.clone()));
-                if let Err(e) = txn.run(q).await {
-                    let e = self.err(e);
-                    let _ = txn.rollback().await;
-                    return Err(e);
-                }
-            }
-            let cp = checkpoint::write_query(
-                &self.slot,
-                batch.checkpoint(),
-                batch.commits.last().map(|c| c.0),
-            );
-            if let Err(e) = txn.run(cp).await {
-                let e = self.err(e);
-                let _ = txn.rollback().await;
-                return Err(e);
             }
             txn.commit().await.map_err(|e| self.err(e))?;
             Ok(())
@@ -343,25 +343,8 @@ impl Sink {
     }
 
     async fn apply_with_once(&self, batch: &Batch, extra: Query) -> Result<(), SinkError> {
-        self.disable_nagle();
-        self.timed("writing a batch", async {
-            let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
-            let queries = batch
-                .statements
-                .iter()
-                .map(|st| query(&st.cypher).param("rows", BoltType::List(st.rows.clone())))
-                .chain(std::iter::once(extra.clone()));
-            for q in queries {
-                if let Err(e) = txn.run(q).await {
-                    let e = self.err(e);
-                    let _ = txn.rollback().await;
-                    return Err(e);
-                }
-            }
-            txn.commit().await.map_err(|e| self.err(e))?;
-            Ok(())
-        })
-        .await
+        self.commit_all(statements(batch).chain(std::iter::once(extra)))
+            .await
     }
 
     /// Finds the operation of a batch that Neo4j rejects: runs the plan one
@@ -596,6 +579,14 @@ impl Sink {
         }
         Ok(names)
     }
+}
+
+/// A batch's statements with their rows.
+fn statements(batch: &Batch) -> impl Iterator<Item = Query> + '_ {
+    batch
+        .statements
+        .iter()
+        .map(|st| query(&st.cypher).param("rows", BoltType::List(st.rows.clone())))
 }
 
 /// Runs `f` again after a transient failure, with backoff, up to five
