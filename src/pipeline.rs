@@ -630,36 +630,12 @@ async fn stream_once(
     if past_end && result.is_ok() {
         // A replay that reached its end: write what is left, and wait.
         if in_flight.is_some() {
-            match event_rx.recv().await {
-                Some(SinkEvent::Committed(b)) => {
-                    in_flight = None;
-                    metrics
-                        .changes
-                        .fetch_add(b.changes as u64, Ordering::Relaxed);
-                }
-                Some(SinkEvent::Failed(e)) => return Err(e.into()),
-                None => {
-                    return Err(RunError::NotReady(
-                        "the Neo4j writer stopped unexpectedly".into(),
-                    ))
-                }
-            }
+            await_commit(&mut event_rx, metrics).await?;
+            in_flight = None;
         }
         if !batcher.is_empty() {
             dispatch(&mut batcher, &p.mapping, &batch_tx).await?;
-            match event_rx.recv().await {
-                Some(SinkEvent::Committed(b)) => {
-                    metrics
-                        .changes
-                        .fetch_add(b.changes as u64, Ordering::Relaxed);
-                }
-                Some(SinkEvent::Failed(e)) => return Err(e.into()),
-                None => {
-                    return Err(RunError::NotReady(
-                        "the Neo4j writer stopped unexpectedly".into(),
-                    ))
-                }
-            }
+            await_commit(&mut event_rx, metrics).await?;
         }
     }
     // Let the in-flight batch finish (briefly), then confirm what committed.
@@ -755,6 +731,25 @@ fn take_part(
         }
     }
     Ok(false)
+}
+
+/// Waits for the writer to commit the batch in flight (end of a replay).
+async fn await_commit(
+    events: &mut mpsc::Receiver<SinkEvent>,
+    metrics: &Metrics,
+) -> Result<(), RunError> {
+    match events.recv().await {
+        Some(SinkEvent::Committed(b)) => {
+            metrics
+                .changes
+                .fetch_add(b.changes as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Some(SinkEvent::Failed(e)) => Err(e.into()),
+        None => Err(RunError::NotReady(
+            "the Neo4j writer stopped unexpectedly".into(),
+        )),
+    }
 }
 
 async fn dispatch(

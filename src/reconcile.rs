@@ -108,6 +108,24 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The next chunk of `t`'s rows after `after` (which it moves on),
+    /// counted in the report and the progress.
+    async fn next_chunk(
+        &self,
+        t: &Table,
+        after: &mut Option<Vec<String>>,
+        report: &mut TableReport,
+        progress: &mut Progress,
+    ) -> anyhow::Result<Vec<(crate::transactions::Change, Vec<String>)>> {
+        let rows = read_chunk(self.c, t, after.as_deref(), self.opts.chunk_rows).await?;
+        report.rows += rows.len() as u64;
+        progress.add(rows.len() as u64, &t.name, 0);
+        if let Some(last) = rows.last() {
+            *after = Some(last.1.clone());
+        }
+        Ok(rows)
+    }
+
     /// Writes the repairs collected so far (with `--repair`).
     async fn flush(&self, repairs: &mut Batcher) -> anyhow::Result<()> {
         if self.opts.repair && repairs.changes() > 0 {
@@ -302,13 +320,10 @@ async fn reconcile_nodes(
     let mut repairs = Batcher::new();
     let mut after: Option<Vec<String>> = None;
     loop {
-        let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
+        let rows = cx.next_chunk(t, &mut after, &mut report, progress).await?;
         if rows.is_empty() {
             break;
         }
-        report.rows += rows.len() as u64;
-        progress.add(rows.len() as u64, &t.name, 0);
-        after = rows.last().map(|r| r.1.clone());
         let mut expected = Vec::with_capacity(rows.len());
         for (change, key) in &rows {
             let mut ops = Vec::new();
@@ -454,13 +469,10 @@ async fn reconcile_edges(
     let mut repairs = Batcher::new();
     let mut after: Option<Vec<String>> = None;
     loop {
-        let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await?;
+        let rows = cx.next_chunk(t, &mut after, &mut report, progress).await?;
         if rows.is_empty() {
             break;
         }
-        report.rows += rows.len() as u64;
-        progress.add(rows.len() as u64, &t.name, 0);
-        after = rows.last().map(|r| r.1.clone());
         // Mapped as an update without an old row: an edge (MergeEdge), or,
         // for a row with a NULL end, the removal of its edge (DeleteEdge).
         let mut expected: Vec<(String, GraphOp)> = Vec::with_capacity(rows.len());

@@ -460,37 +460,32 @@ impl Sink {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let mut pending = Vec::new();
-            self.timed("waiting for indexes to come online", async {
-                let mut rows = self
-                    .graph
-                    .execute(
-                        query(
-                            "SHOW INDEXES YIELD name, owningConstraint, state, failureMessage \
-                             WHERE name IN $names OR owningConstraint IN $names \
-                             RETURN name, state, failureMessage",
-                        )
-                        .param("names", names.to_vec()),
+            let rows = self
+                .fetch(
+                    "waiting for indexes to come online",
+                    query(
+                        "SHOW INDEXES YIELD name, owningConstraint, state, failureMessage \
+                         WHERE name IN $names OR owningConstraint IN $names \
+                         RETURN name, state, failureMessage",
                     )
-                    .await
-                    .map_err(|e| self.err(e))?;
-                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                    let name: String = row.get("name").unwrap_or_default();
-                    let state: String = row.get("state").unwrap_or_default();
-                    match state.as_str() {
-                        "ONLINE" => {}
-                        "FAILED" => {
-                            let why: String = row.get("failureMessage").unwrap_or_default();
-                            return Err(SinkError::Rejected(format!(
-                                "index {name} failed to build: {why}; drop it \
-                                 (DROP INDEX/CONSTRAINT) and run walgraph setup again"
-                            )));
-                        }
-                        _ => pending.push(name),
+                    .param("names", names.to_vec()),
+                )
+                .await?;
+            for row in rows {
+                let name: String = row.get("name").unwrap_or_default();
+                let state: String = row.get("state").unwrap_or_default();
+                match state.as_str() {
+                    "ONLINE" => {}
+                    "FAILED" => {
+                        let why: String = row.get("failureMessage").unwrap_or_default();
+                        return Err(SinkError::Rejected(format!(
+                            "index {name} failed to build: {why}; drop it \
+                             (DROP INDEX/CONSTRAINT) and run walgraph setup again"
+                        )));
                     }
+                    _ => pending.push(name),
                 }
-                Ok(())
-            })
-            .await?;
+            }
             if pending.is_empty() {
                 return Ok(());
             }
@@ -517,21 +512,12 @@ impl Sink {
              WHERE type = 'RANGE' AND entityType = 'RELATIONSHIP' \
              RETURN 'relationship' AS kind, labelsOrTypes, properties",
         ] {
-            self.timed("reading constraints", async {
-                let mut rows = self
-                    .graph
-                    .execute(query(q))
-                    .await
-                    .map_err(|e| self.err(e))?;
-                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                    let kind: String = row.get("kind").unwrap_or_default();
-                    let labels: Vec<String> = row.get("labelsOrTypes").unwrap_or_default();
-                    let props: Vec<String> = row.get("properties").unwrap_or_default();
-                    have.push((kind, labels, props));
-                }
-                Ok(())
-            })
-            .await?;
+            for row in self.fetch("reading constraints", query(q)).await? {
+                let kind: String = row.get("kind").unwrap_or_default();
+                let labels: Vec<String> = row.get("labelsOrTypes").unwrap_or_default();
+                let props: Vec<String> = row.get("properties").unwrap_or_default();
+                have.push((kind, labels, props));
+            }
         }
         let lacks = |kind: &str, name: &str, props: &[String]| {
             !have
@@ -562,22 +548,26 @@ impl Sink {
             "SHOW CONSTRAINTS YIELD name RETURN name",
             "SHOW INDEXES YIELD name RETURN name",
         ] {
-            self.timed("reading the schema", async {
-                let mut rows = self
-                    .graph
-                    .execute(query(q))
-                    .await
-                    .map_err(|e| self.err(e))?;
-                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                    if let Ok(n) = row.get::<String>("name") {
-                        names.push(n);
-                    }
+            for row in self.fetch("reading the schema", query(q)).await? {
+                if let Ok(n) = row.get::<String>("name") {
+                    names.push(n);
                 }
-                Ok(())
-            })
-            .await?;
+            }
         }
         Ok(names)
+    }
+
+    /// Runs a read query and collects its rows (small results only).
+    async fn fetch(&self, what: &str, q: Query) -> Result<Vec<neo4rs::Row>, SinkError> {
+        self.timed(what, async {
+            let mut rows = self.graph.execute(q).await.map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push(row);
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 
