@@ -16,7 +16,7 @@ use walgraph::decode::encode::encode_message;
 use walgraph::decode::message::{PgOutputMessage, RelationBody, RelationColumn, TupleValue};
 use walgraph::decode::value::oid;
 use walgraph::lsn::Lsn;
-use walgraph::map::Mapper;
+use walgraph::mapping::map::Mapper;
 use walgraph::mapping::{compile, Catalog, Mapping, TableInfo};
 use walgraph::transactions::{Assembler, Change};
 

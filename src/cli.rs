@@ -1,14 +1,14 @@
 //! The command line: `walgraph [--config FILE] <command>`.
+//!
+//! Invariant: only parsing and dispatch live here; each command's work is in
+//! [`crate::commands`].
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::catalog::PgClient;
+use crate::commands;
 use crate::config::Config;
-use crate::pipeline;
-use crate::sink::Sink;
-use crate::source::ConnInfo;
 
 /// Keeps a Neo4j graph exactly in step with a PostgreSQL database through
 /// logical replication.
@@ -125,7 +125,7 @@ pub enum Command {
     /// against pg_recvlogical, one Neo4j transaction per change and
     /// pre-built batches, in its own schema, slots and labels (removed at
     /// the end). Uses the configured connections; ignores the mapping.
-    Bench(crate::bench::BenchOptions),
+    Bench(commands::bench::BenchOptions),
     /// Work with the mapping.
     Mapping {
         /// What to do.
@@ -162,13 +162,8 @@ pub enum MappingCommand {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Setup => {
-            for line in setup(&cfg).await? {
-                println!("{line}");
-            }
-            Ok(())
-        }
-        Command::Run { null_sink } => run(&cfg, null_sink).await,
+        Command::Setup => commands::setup::command(&cfg).await,
+        Command::Run { null_sink } => commands::run::command(&cfg, null_sink).await,
         Command::Reconcile {
             dry_run: _,
             repair,
@@ -176,85 +171,27 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             chunk_rows,
             json,
         } => {
-            let opts = crate::reconcile::ReconcileOptions {
+            let opts = commands::reconcile::ReconcileOptions {
                 table,
                 repair,
                 chunk_rows: chunk_rows.max(1),
-                progress_bar: crate::snapshot::stderr_is_terminal(),
+                progress_bar: commands::progress::stderr_is_terminal(),
             };
-            let reports = crate::reconcile::reconcile(&cfg, &opts).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
-            } else {
-                print!("{}", crate::reconcile::render(&reports));
-            }
-            let differ = reports.iter().filter(|r| r.differs()).count();
-            if differ > 0 && !repair {
-                anyhow::bail!(
-                    "{differ} table(s) differ from Postgres; run `walgraph reconcile --repair` to fix the graph"
-                );
-            }
-            Ok(())
+            commands::reconcile::command(&cfg, &opts, json).await
         }
-        Command::Replay { from, to } => {
-            let to = match to {
-                Some(to) => to,
-                None => Sink::connect(&cfg.neo4j, &cfg.postgres.slot)
-                    .await?
-                    .read_checkpoint()
-                    .await?
-                    .map(|c| c.lsn)
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "there is no checkpoint for slot {} yet, so nothing to replay up to; give --to",
-                            cfg.postgres.slot
-                        )
-                    })?,
-            };
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                let _ = tx.send(true);
-            });
-            let n = pipeline::replay(&cfg, pipeline::ReplayRange { from, to }, rx).await?;
-            println!("replayed {n} changes of the transactions ending after {from} and at or before {to}");
-            Ok(())
-        }
+        Command::Replay { from, to } => commands::replay::command(&cfg, from, to).await,
         Command::Snapshot {
             chunk_rows,
             restart,
         } => {
-            let opts = crate::snapshot::SnapshotOptions {
+            let opts = commands::snapshot::SnapshotOptions {
                 chunk_rows,
                 restart,
-                progress_bar: crate::snapshot::stderr_is_terminal(),
+                progress_bar: commands::progress::stderr_is_terminal(),
             };
-            let r = crate::snapshot::snapshot(&cfg, &opts).await?;
-            if r.already_done {
-                println!(
-                    "the snapshot for slot {} is already complete ({} rows); use --restart to take it again",
-                    cfg.postgres.slot, r.rows
-                );
-            } else {
-                println!(
-                    "snapshot complete: {} rows copied{} at {}; start `walgraph run` to stream from there",
-                    r.rows,
-                    if r.resumed { " (resumed)" } else { "" },
-                    r.consistent_lsn
-                );
-            }
-            Ok(())
+            commands::snapshot::command(&cfg, &opts).await
         }
-        Command::Bench(opts) => {
-            let report = crate::bench::bench(&cfg, &opts).await?;
-            print!("{}", crate::bench::render(&report));
-            if let Some(path) = &opts.json {
-                std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| {
-                    anyhow::anyhow!("cannot write the report to {}: {e}", path.display())
-                })?;
-            }
-            Ok(())
-        }
+        Command::Bench(opts) => commands::bench::command(&cfg, &opts).await,
         Command::Peek {
             temporary,
             limit,
@@ -262,7 +199,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             confirm,
             two_phase,
         } => {
-            let opts = crate::peek::PeekOptions {
+            let opts = commands::peek::PeekOptions {
                 slot: (!temporary).then(|| cfg.postgres.slot.clone()),
                 publications: vec![cfg.postgres.publication.clone()],
                 proto_version: cfg.postgres.proto_version,
@@ -273,167 +210,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 idle_timeout,
                 confirm,
             };
-            let mut out = std::io::stdout();
-            crate::peek::peek(&conninfo(&cfg)?, &opts, &mut out, wait_for_signal()).await?;
-            Ok(())
+            commands::peek::command(&cfg, &opts).await
         }
-        Command::Status { json, sample } => {
-            let s = crate::status::collect(&cfg, sample).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", crate::status::render(&s));
-            }
-            Ok(())
-        }
+        Command::Status { json, sample } => commands::status::command(&cfg, sample, json).await,
         Command::Mapping {
             command: MappingCommand::Infer { schema },
-        } => {
-            let pg = PgClient::connect(&conninfo(&cfg)?).await?;
-            let tables = crate::infer::read_schema(&pg, &schema).await?;
-            if tables.is_empty() {
-                anyhow::bail!("schema {schema} has no tables; name another with --schema");
-            }
-            print!("{}", crate::infer::render(&schema, &tables));
-            Ok(())
-        }
+        } => commands::infer::command(&cfg, &schema).await,
         Command::Teardown {
             yes,
             drop_checkpoint,
-        } => teardown(&cfg, yes, drop_checkpoint).await,
+        } => commands::teardown::command(&cfg, yes, drop_checkpoint).await,
     }
-}
-
-fn conninfo(cfg: &Config) -> anyhow::Result<ConnInfo> {
-    Ok(ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?)
-}
-
-/// Creates (or finds) the publication, the slot and the Neo4j constraints;
-/// returns one line for each thing created or found.
-pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    let info = conninfo(cfg)?;
-    let pg = PgClient::connect(&info).await?;
-    pg.check_wal_level().await?;
-    // Check everything before changing anything.
-    let mapping = pipeline::compile_mapping(&pg, cfg).await?;
-    let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
-    let mut lines = vec![
-        pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
-            .await?,
-        pg.ensure_slot(&cfg.postgres.slot).await?,
-    ];
-    let created = sink.ensure_schema(&mapping).await?;
-    lines.push(if created.is_empty() {
-        "Neo4j constraints and indexes already present".to_string()
-    } else {
-        format!(
-            "created Neo4j constraints and indexes: {}",
-            created.join(", ")
-        )
-    });
-    Ok(lines)
-}
-
-async fn run(cfg: &Config, null_sink: bool) -> anyhow::Result<()> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown requested");
-        let _ = tx.send(true);
-    });
-    let metrics = std::sync::Arc::new(crate::http::Metrics::default());
-    if let Some(addr) = cfg.http.listen {
-        let listener = crate::http::bind(addr).await?;
-        tracing::info!(%addr, "serving /health, /ready and /metrics");
-        tokio::spawn(crate::http::serve(
-            listener,
-            std::sync::Arc::clone(&metrics),
-            rx.clone(),
-        ));
-    }
-    if null_sink {
-        tracing::warn!("null sink: changes are read, confirmed and dropped; the graph misses them");
-    }
-    pipeline::run_with(cfg, rx, metrics, null_sink).await?;
-    Ok(())
 }
 
 fn parse_lsn(s: &str) -> Result<crate::lsn::Lsn, String> {
     s.parse::<crate::lsn::Lsn>()
         .map_err(|e| format!("{e} (an LSN looks like 0/16B3748)"))
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-async fn teardown(cfg: &Config, yes: bool, drop_checkpoint: bool) -> anyhow::Result<()> {
-    let slot = &cfg.postgres.slot;
-    let publication = &cfg.postgres.publication;
-    if !yes {
-        use std::io::{BufRead, IsTerminal, Write};
-        if !std::io::stdin().is_terminal() {
-            anyhow::bail!("teardown drops slot {slot} and publication {publication}; pass --yes to confirm when not at a terminal");
-        }
-        print!("drop replication slot {slot} and publication {publication}? [y/N] ");
-        std::io::stdout().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing dropped");
-            return Ok(());
-        }
-    }
-    let pg = PgClient::connect(&conninfo(cfg)?).await?;
-    if let Some(s) = pg.slot(slot).await? {
-        if s.active {
-            anyhow::bail!("replication slot {slot} is in use by a running walgraph (or another consumer); stop it first");
-        }
-    }
-    println!(
-        "{}",
-        if pg.drop_slot(slot).await? {
-            format!("dropped replication slot {slot}")
-        } else {
-            format!("replication slot {slot} did not exist")
-        }
-    );
-    println!(
-        "{}",
-        if pg.drop_publication(publication).await? {
-            format!("dropped publication {publication}")
-        } else {
-            format!("publication {publication} did not exist")
-        }
-    );
-    if drop_checkpoint {
-        let sink = Sink::connect(&cfg.neo4j, slot).await?;
-        println!(
-            "{}",
-            if sink.drop_checkpoint().await? {
-                format!("deleted the checkpoint of slot {slot} from Neo4j")
-            } else {
-                format!("Neo4j had no checkpoint for slot {slot}")
-            }
-        );
-    }
-    Ok(())
 }

@@ -4,14 +4,16 @@
 //! Unknown keys are refused with their name and line (serde's
 //! `deny_unknown_fields`). Secrets are wrapped in [`Secret`] so they never
 //! print.
+//!
+//! Invariant: a loaded [`Config`] is complete (defaults filled in) and a
+//! secret is never printed.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use crate::mapping::{NodeMapping, RelationshipMapping};
 
 /// A string that never prints.
 #[derive(Clone, Deserialize)]
@@ -98,8 +100,8 @@ pub struct PostgresConfig {
 
 impl PostgresConfig {
     /// The spill settings for streamed transactions.
-    pub fn spill(&self) -> crate::transactions::SpillSettings {
-        crate::transactions::SpillSettings {
+    pub fn spill(&self) -> SpillSettings {
+        SpillSettings {
             memory_limit: self.stream_memory_mib.saturating_mul(1 << 20),
             dir: self.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
         }
@@ -385,5 +387,75 @@ mod tests {
         let cfg = Config::parse("[postgres]\nslot = \"Bad-Slot\"\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("postgres.slot"), "{err}");
+    }
+}
+
+/// `[[node]]`: a table whose rows are nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMapping {
+    /// Schema-qualified table name, like `public.users`.
+    pub table: String,
+    /// The node label.
+    pub label: String,
+    /// Key columns (default: the primary key). They must be unique.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// Only these columns become properties (default: all).
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    /// These columns do not become properties.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Property names for columns, where they differ.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+/// One end of a relationship.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointMapping {
+    /// The label of the node at this end (a mapped node label).
+    pub label: String,
+    /// The columns of this table holding that node's key, in key order.
+    pub columns: Vec<String>,
+}
+
+/// `[[relationship]]`: a foreign key on a node table, or a join table whose
+/// rows are edges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelationshipMapping {
+    /// Schema-qualified table name.
+    pub table: String,
+    /// The relationship type.
+    #[serde(rename = "type")]
+    pub rel_type: String,
+    /// The start node.
+    pub from: EndpointMapping,
+    /// The end node.
+    pub to: EndpointMapping,
+    /// Columns copied onto the relationship (join tables).
+    #[serde(default)]
+    pub properties: Vec<String>,
+}
+
+/// Where streamed transactions wait for their commit.
+#[derive(Debug, Clone)]
+pub struct SpillSettings {
+    /// Bytes of raw messages one streamed transaction keeps in memory before
+    /// the rest goes to a file.
+    pub memory_limit: usize,
+    /// The directory for spill files.
+    pub dir: PathBuf,
+}
+
+impl Default for SpillSettings {
+    fn default() -> Self {
+        SpillSettings {
+            memory_limit: 64 << 20,
+            dir: std::env::temp_dir(),
+        }
     }
 }

@@ -9,36 +9,45 @@
 //!                                            └──▶ Neo4j: data + checkpoint, one transaction
 //! ```
 //!
-//! - [`source`]: the replication connection (startup, auth, `START_REPLICATION`,
-//!   keepalives, status updates).
+//! Dependencies point one way — [`cli`] → [`commands`] → [`http`] →
+//! [`pipeline`] → the stages (in stream order, each using only those before
+//! it) → the foundation — and `tests/layout.rs` checks it.
+//!
+//! Foundation:
+//! - [`lsn`]: WAL positions, the [`lsn::Checkpoint`], the protocol's clock.
+//! - [`config`]: the validated configuration, including the mapping's file form.
+//! - [`retry`]: backoff and retrying of transient failures.
+//! - [`metrics`]: what the running pipeline reports.
+//! - [`shutdown`]: the stop signal every long task watches.
+//!
+//! Stages:
+//! - [`source`]: the replication connection, the catalog, SQL quoting.
 //! - [`decode`]: `pgoutput` messages and typed values.
-//! - [`transactions`]: messages → committed transactions.
-//! - [`map`]: row changes → graph operations, per the [`mapping`].
-//! - [`batch`]: graph operations → ordered `UNWIND` statements.
-//! - [`sink`]: statements + [`checkpoint`] → one Neo4j transaction.
-//! - [`pipeline`]: the loop that joins them, and confirms only what committed.
+//! - [`transactions`]: messages → committed transactions (and spill files).
+//! - [`mapping`]: the compiled mapping, row changes → graph operations, inference.
+//! - [`batch`]: graph operations → planned, ordered `UNWIND` statements.
+//! - [`sink`]: statements + checkpoint → one Neo4j transaction; schema; copy progress.
+//!
+//! Around them:
+//! - [`pipeline`]: pre-flight checks, the stream loop and its writer, replay, chunked copies.
+//! - [`http`]: `/health`, `/ready`, `/metrics`.
+//! - [`commands`]: one module per `walgraph` command.
+//! - [`cli`]: the command line, parsed and dispatched.
 
 pub mod batch;
-pub mod bench;
-pub mod catalog;
-pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod cypher;
 pub mod decode;
 pub mod http;
-pub mod infer;
 pub mod lsn;
-pub mod map;
 pub mod mapping;
-pub mod peek;
+pub mod metrics;
 pub mod pipeline;
-pub mod progress;
-pub mod reconcile;
+pub mod retry;
+pub mod shutdown;
 pub mod sink;
-pub mod snapshot;
 pub mod source;
-pub mod status;
 pub mod transactions;
 
 /// An error and its causes as one sentence, for the command line.

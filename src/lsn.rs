@@ -4,6 +4,13 @@
 //! and parsed in the server's own `X/Y` form (two hexadecimal halves of a
 //! 64-bit number), ordered, and never passed around as a bare integer.
 //! See <https://www.postgresql.org/docs/current/datatype-pg-lsn.html>.
+//!
+//! Also here, as positions of the stream: [`Checkpoint`] (an LSN that may
+//! fall inside a transaction applied in part) and the protocol's clock
+//! (microseconds since 2000-01-01).
+//!
+//! Invariant: positions are never bare integers in an interface, and
+//! conversions to Neo4j's signed integers clamp instead of wrapping.
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,6 +87,76 @@ impl serde::Serialize for Lsn {
     }
 }
 
+/// A transaction applied in part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Partial {
+    /// End LSN of the transaction.
+    pub end_lsn: Lsn,
+    /// How many of its changes, from the first, are applied.
+    pub changes: u64,
+}
+
+/// A position in the stream that the graph reflects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Checkpoint {
+    /// End LSN of the last transaction applied whole.
+    pub lsn: Lsn,
+    /// The transaction after it, when some but not all of its changes are applied.
+    pub partial: Option<Partial>,
+}
+
+impl Checkpoint {
+    /// A checkpoint at a transaction boundary.
+    pub fn at(lsn: Lsn) -> Self {
+        Checkpoint { lsn, partial: None }
+    }
+
+    /// How many leading changes of the transaction ending at `end_lsn` are
+    /// already applied: all of them (`None`) when it ends at or below
+    /// `lsn`, some when it is the partial one, otherwise none.
+    pub fn applied_changes(&self, end_lsn: Lsn) -> Option<u64> {
+        if end_lsn <= self.lsn {
+            return None;
+        }
+        match self.partial {
+            Some(p) if p.end_lsn == end_lsn => Some(p.changes),
+            _ => Some(0),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.lsn)?;
+        if let Some(p) = self.partial {
+            write!(
+                f,
+                " and {} changes of the transaction ending at {}",
+                p.changes, p.end_lsn
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Microseconds from the Unix epoch to Postgres' (2000-01-01 UTC), the
+/// origin of every timestamp in the replication protocol.
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// A Postgres protocol time (microseconds since 2000-01-01) as microseconds
+/// since the Unix epoch.
+pub fn pg_micros_to_unix(pg_micros: i64) -> i64 {
+    pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS)
+}
+
+/// Now, in microseconds since 2000-01-01 UTC (the protocol's clock).
+pub fn pg_now() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    unix - PG_EPOCH_UNIX_MICROS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +184,23 @@ mod tests {
             let lsn = Lsn::new(raw);
             prop_assert_eq!(lsn.to_string().parse::<Lsn>().unwrap(), lsn);
         }
+    }
+
+    #[test]
+    fn applied_changes_skips_whole_and_partial_transactions() {
+        let cp = Checkpoint {
+            lsn: Lsn::new(100),
+            partial: Some(Partial {
+                end_lsn: Lsn::new(200),
+                changes: 7,
+            }),
+        };
+        assert_eq!(cp.applied_changes(Lsn::new(90)), None);
+        assert_eq!(cp.applied_changes(Lsn::new(100)), None);
+        assert_eq!(cp.applied_changes(Lsn::new(200)), Some(7));
+        assert_eq!(cp.applied_changes(Lsn::new(150)), Some(0));
+        assert_eq!(cp.applied_changes(Lsn::new(300)), Some(0));
+        assert!(Checkpoint::at(Lsn::new(100)) < cp);
+        assert!(cp < Checkpoint::at(Lsn::new(200)));
     }
 }

@@ -325,7 +325,7 @@ async fn sslmodes_behave_as_in_libpq_on_both_connections() {
                 Some(want_tls),
                 "{query} (replication)"
             );
-            let pg = walgraph::catalog::PgClient::connect(&info)
+            let pg = walgraph::source::catalog::PgClient::connect(&info)
                 .await
                 .unwrap_or_else(|e| panic!("{query}: catalog connection failed: {e}"));
             let ssl: bool = pg
@@ -344,7 +344,9 @@ async fn sslmodes_behave_as_in_libpq_on_both_connections() {
         .err()
         .expect("an untrusted certificate");
     assert!(err.to_string().contains("TLS handshake"), "{err}");
-    assert!(walgraph::catalog::PgClient::connect(&info).await.is_err());
+    assert!(walgraph::source::catalog::PgClient::connect(&info)
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 //! Read with `walgraph peek` from each test's own slot.
 
 use serde_json::{json, Value as Json};
-use walgraph::transactions::SpillSettings;
+use walgraph::config::SpillSettings;
 
 use crate::support::{Fixture, SERVICES};
 

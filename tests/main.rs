@@ -13,6 +13,7 @@ mod connect;
 mod decoding;
 mod end_to_end;
 mod large;
+mod layout;
 mod oracle;
 mod outages;
 mod reconcile;

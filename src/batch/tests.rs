@@ -5,8 +5,11 @@
 //! must equal the graph the database's final state describes.
 //!
 //! The model applies each operation the way its Cypher statement does
-//! (see `crate::cypher`): MERGE creates what is missing, MATCH skips what
+//! (see `crate::batch::cypher`): MERGE creates what is missing, MATCH skips what
 //! is absent, and the `_lsn` guard skips writes older than the entity.
+//!
+//! Longer than most files because it is one model: the simulated database,
+//! the graph model and the properties that compare them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use crate::config::Config;
 use crate::decode::value::oid;
 use crate::decode::{Column, Field, Relation, Value};
 use crate::lsn::Lsn;
-use crate::map::{GraphOp, Key, Mapper, NodeRef};
+use crate::mapping::map::{GraphOp, Key, Mapper, NodeRef};
 use crate::mapping::{compile, Catalog, TableInfo};
 use crate::transactions::{Change, Op};
 

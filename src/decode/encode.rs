@@ -1,6 +1,8 @@
 //! The inverse of the decoder: [`PgOutputMessage`] → bytes, as the server
 //! would send them. Used by round-trip property tests, the fuzz corpus and
 //! the decode benchmark; walgraph itself never encodes pgoutput.
+//!
+//! Invariant: `decode(encode(m)) == m` for every message (the property tests).
 
 use bytes::{BufMut, Bytes, BytesMut};
 

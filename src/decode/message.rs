@@ -3,6 +3,9 @@
 //! Layouts follow <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>.
 //! Every read is bounds-checked: arbitrary bytes give a [`DecodeError`],
 //! never a panic.
+//!
+//! Longer than most files because it is one thing: the message enum and the
+//! one parser of every message kind, read side by side with the protocol page.
 
 use bytes::Bytes;
 

@@ -5,6 +5,8 @@
 //! `IntervalStyle=iso_8601`, `extra_float_digits=3`, `bytea_output=hex`; see
 //! [`crate::source`]), so the text can be read back exactly. A text that does
 //! not parse as its type claims is kept as [`Value::Text`]: nothing is lost.
+//!
+//! Invariant: every text decodes to some [`Value`]; none is lost or panics.
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
 use serde::Serialize;

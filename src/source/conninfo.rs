@@ -1,6 +1,9 @@
 //! Connection settings in libpq's forms: a `postgres://` URL or
 //! `key=value` pairs, with the `PG*` environment variables filling what the
 //! string leaves out (as libpq does).
+//!
+//! Invariant: a string that is not a connection string is one sentence of
+//! error, and the password never appears in what it prints.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -15,19 +15,21 @@
 //! (`START_REPLICATION`, XLogData `w`, primary keepalive `k`, standby status
 //! update `r`).
 
+pub mod catalog;
 pub mod conninfo;
+pub mod sql;
 pub mod tls;
 pub mod wire;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub use conninfo::ConnInfo;
 use wire::{ServerError, Wire};
 
-use crate::catalog::{quote_ident, quote_literal};
-use crate::lsn::Lsn;
+use crate::lsn::{pg_now, Lsn};
+use sql::{quote_ident, quote_literal};
 
 /// Why the source failed, split by what the caller should do.
 #[derive(Debug, thiserror::Error)]
@@ -178,9 +180,6 @@ const SESSION_STYLES: [(&str, &str); 6] = [
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
 ];
-
-/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// A replication connection, before and during streaming.
 pub struct ReplicationStream {
@@ -389,14 +388,6 @@ impl ReplicationStream {
     pub async fn command(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
         self.wire.simple_query(sql).await
     }
-}
-
-fn pg_now() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    unix - PG_EPOCH_OFFSET_MICROS
 }
 
 /// Parses what `SHOW` prints for a time setting (`60s`, `1min`, `500ms`, `0`).

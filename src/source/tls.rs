@@ -12,6 +12,8 @@
 //! `PGSSLROOTCERT`), else the Mozilla roots built in. Over a Unix socket TLS
 //! is never used, as with libpq.
 //! See <https://www.postgresql.org/docs/current/libpq-ssl.html>.
+//!
+//! Invariant: TLS is only weaker than `verify-full` when `sslmode` says so.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,8 +98,14 @@ pub fn client_config(mode: SslMode, root_cert: Option<&PathBuf>) -> Result<Clien
             .map_err(|e| TlsError(format!("cannot set up certificate checks: {e}")))?;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::VerifyFull => webpki,
-        SslMode::VerifyCa => Arc::new(ChainOnly(webpki)),
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(NoChecks(provider)),
+        SslMode::VerifyCa => Arc::new(Relaxed {
+            webpki,
+            check_chain: true,
+        }),
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(Relaxed {
+            webpki,
+            check_chain: false,
+        }),
     };
     Ok(builder
         .dangerous()
@@ -111,11 +119,17 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
         .map_err(|_| TlsError(format!("`{host}` is not a valid host name for TLS")))
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name may differ.
+/// The modes below `verify-full`: `verify-ca` (`check_chain`: the chain must
+/// lead to a trusted root; the name may differ), and `prefer` / `require`
+/// (encryption without certificate checks, libpq's meaning). Handshake
+/// signatures are verified either way.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Relaxed {
+    webpki: Arc<WebPkiServerVerifier>,
+    check_chain: bool,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -124,10 +138,16 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        if !self.check_chain {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -141,7 +161,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -150,61 +170,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require`: encryption without certificate checks (libpq's
-/// meaning). Handshake signatures are still verified.
-#[derive(Debug)]
-struct NoChecks(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoChecks {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 

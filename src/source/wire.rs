@@ -5,6 +5,9 @@
 //! `tokio-postgres` has no replication mode and no CopyBoth, so this speaks
 //! the protocol itself with `postgres-protocol`'s encoders and SCRAM.
 //! See <https://www.postgresql.org/docs/current/protocol-flow.html>.
+//!
+//! Invariant: a frame is read whole or not at all (at most 1 GiB), and a
+//! server error becomes a typed [`ServerError`] with its SQLSTATE.
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};

@@ -175,7 +175,7 @@ impl Fixture {
 
     /// Runs `walgraph setup` for this fixture.
     pub async fn setup(&self) -> Vec<String> {
-        walgraph::cli::setup(&self.config)
+        walgraph::commands::setup::setup(&self.config)
             .await
             .unwrap_or_else(|e| panic!("setup failed: {}", walgraph::error_sentence(&e)))
     }
@@ -341,7 +341,7 @@ impl Fixture {
     /// Reads up to `n` transactions from the fixture's slot with `walgraph
     /// peek` (confirming nothing), as JSON; gives up after 15 s of silence.
     pub async fn peek(&self, n: usize) -> Vec<serde_json::Value> {
-        self.peek_with(n, walgraph::transactions::SpillSettings::default())
+        self.peek_with(n, walgraph::config::SpillSettings::default())
             .await
     }
 
@@ -349,25 +349,25 @@ impl Fixture {
     pub async fn peek_with(
         &self,
         n: usize,
-        spill: walgraph::transactions::SpillSettings,
+        spill: walgraph::config::SpillSettings,
     ) -> Vec<serde_json::Value> {
         self.peek_inner(n, spill, false).await
     }
 
     /// As [`Fixture::peek`], asking for two-phase transactions at PREPARE.
     pub async fn peek_two_phase(&self, n: usize) -> Vec<serde_json::Value> {
-        self.peek_inner(n, walgraph::transactions::SpillSettings::default(), true)
+        self.peek_inner(n, walgraph::config::SpillSettings::default(), true)
             .await
     }
 
     async fn peek_inner(
         &self,
         n: usize,
-        spill: walgraph::transactions::SpillSettings,
+        spill: walgraph::config::SpillSettings,
         two_phase: bool,
     ) -> Vec<serde_json::Value> {
         let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
-        let opts = walgraph::peek::PeekOptions {
+        let opts = walgraph::commands::peek::PeekOptions {
             slot: Some(self.config.postgres.slot.clone()),
             publications: vec![self.config.postgres.publication.clone()],
             proto_version: None,
@@ -379,7 +379,7 @@ impl Fixture {
             confirm: false,
         };
         let mut out: Vec<u8> = Vec::new();
-        walgraph::peek::peek(&info, &opts, &mut out, std::future::pending())
+        walgraph::commands::peek::peek(&info, &opts, &mut out, std::future::pending())
             .await
             .unwrap_or_else(|e| panic!("peek failed: {}", walgraph::error_sentence(&e)));
         String::from_utf8(out)

@@ -1,0 +1,343 @@
+//! Planning: one segment's operations coalesced per node and edge and
+//! grouped into statements in the fixed order — node upserts and
+//! placeholders, row-owned edges, edge deletes, edge merges, node deletes.
+//!
+//! Invariant: within a segment the groups, applied in order, equal the
+//! segment's operations applied one by one (the batcher opens a new segment
+//! wherever that would not hold).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+use crate::mapping::map::{GraphOp, Key, NodeRef, Props};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum EdgeId {
+    Pair(Arc<str>, NodeRef, NodeRef),
+    Key(Arc<str>, Key),
+}
+
+#[derive(Debug, Clone)]
+struct EdgeMerge {
+    from: NodeRef,
+    to: NodeRef,
+    props: Props,
+    lsn: Lsn,
+}
+
+/// Operations that may be reordered among themselves: coalesced per node
+/// and edge, run in the fixed statement order.
+#[derive(Debug, Default)]
+pub(super) struct Segment {
+    upserts: Vec<Option<(NodeRef, Props, Lsn)>>,
+    upsert_idx: HashMap<NodeRef, usize>,
+    /// Row-owned edges to set (`SetOwnedRel`), one per type and owner.
+    owned: Vec<GraphOp>,
+    owned_idx: HashMap<(Arc<str>, NodeRef), usize>,
+    edge_deletes: Vec<(EdgeId, Lsn)>,
+    edge_delete_idx: HashSet<EdgeId>,
+    edge_merges: Vec<Option<(EdgeId, EdgeMerge)>>,
+    edge_merge_idx: HashMap<EdgeId, usize>,
+    deletes: Vec<(NodeRef, Lsn)>,
+    deleted: HashMap<NodeRef, usize>,
+    /// Nodes that a coalesced-away operation would have created as
+    /// placeholders; they are created all the same.
+    ensure: Vec<NodeRef>,
+    ensured: std::collections::HashSet<NodeRef>,
+    pub(super) truncate: Option<GraphOp>,
+}
+
+impl Segment {
+    pub(super) fn is_empty(&self) -> bool {
+        self.upsert_idx.is_empty()
+            && self.owned.is_empty()
+            && self.edge_deletes.is_empty()
+            && self.edge_merge_idx.is_empty()
+            && self.ensure.is_empty()
+            && self.deletes.is_empty()
+            && self.truncate.is_none()
+    }
+
+    /// Whether `op` would be reordered across a delete of a node it touches.
+    pub(super) fn conflicts(&self, op: &GraphOp) -> bool {
+        let touched = |n: &NodeRef| self.deleted.contains_key(n);
+        match op {
+            GraphOp::UpsertNode { node, .. } => touched(node),
+            GraphOp::SetOwnedRel { own, other, .. } => {
+                touched(own) || other.as_ref().is_some_and(touched)
+            }
+            GraphOp::MergeEdge { from, to, .. } => touched(from) || touched(to),
+            GraphOp::DeleteNode { .. }
+            | GraphOp::DeleteEdge { .. }
+            | GraphOp::EnsureNode { .. } => false,
+            GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => true,
+        }
+    }
+
+    fn ensure(&mut self, node: &NodeRef) {
+        if self.ensured.insert(node.clone()) {
+            self.ensure.push(node.clone());
+        }
+    }
+
+    pub(super) fn add(&mut self, op: GraphOp) {
+        match op {
+            GraphOp::EnsureNode { node } => self.ensure(&node),
+            GraphOp::UpsertNode { node, props, lsn } => match self.upsert_idx.get(&node) {
+                Some(&i) => {
+                    let Some(entry) = self.upserts[i].as_mut() else {
+                        return;
+                    };
+                    for (name, v) in props {
+                        match entry.1.iter_mut().find(|(n, _)| *n == name) {
+                            Some(slot) => slot.1 = v,
+                            None => entry.1.push((name, v)),
+                        }
+                    }
+                    entry.2 = entry.2.max(lsn);
+                }
+                None => {
+                    self.upsert_idx.insert(node.clone(), self.upserts.len());
+                    self.upserts.push(Some((node, props, lsn)));
+                }
+            },
+            GraphOp::DeleteNode { node, lsn } => {
+                // An upsert before it stays: it runs first, so whatever
+                // it let happen (a placeholder at the other end of one of its
+                // edges) happens, and this delete, which runs last, removes
+                // the node and its edges as it would have one by one.
+                match self.deleted.get(&node) {
+                    Some(&i) => self.deletes[i].1 = self.deletes[i].1.max(lsn),
+                    None => {
+                        self.deleted.insert(node.clone(), self.deletes.len());
+                        self.deletes.push((node, lsn));
+                    }
+                }
+            }
+            GraphOp::SetOwnedRel {
+                ref rel_type,
+                ref own,
+                ..
+            } => {
+                let id = (Arc::clone(rel_type), own.clone());
+                match self.owned_idx.get(&id) {
+                    Some(&i) => {
+                        if let GraphOp::SetOwnedRel {
+                            other: Some(prev), ..
+                        } = &self.owned[i]
+                        {
+                            let prev = prev.clone();
+                            self.ensure(&prev);
+                        }
+                        self.owned[i] = op;
+                    }
+                    None => {
+                        self.owned_idx.insert(id, self.owned.len());
+                        self.owned.push(op);
+                    }
+                }
+            }
+            GraphOp::MergeEdge {
+                rel_type,
+                key,
+                from,
+                to,
+                props,
+                lsn,
+            } => {
+                let id = if key.0.is_empty() {
+                    EdgeId::Pair(rel_type, from.clone(), to.clone())
+                } else {
+                    EdgeId::Key(rel_type, key)
+                };
+                match self.edge_merge_idx.get(&id) {
+                    Some(&i) => {
+                        let Some((_, m)) = self.edge_merges[i].as_mut() else {
+                            return;
+                        };
+                        if m.from != from || m.to != to {
+                            // The edge moves: one by one, the first merge left
+                            // its ends (placeholders, maybe) and the second
+                            // makes a new edge with only its own properties.
+                            let prev_from = std::mem::replace(&mut m.from, from);
+                            let prev_to = std::mem::replace(&mut m.to, to);
+                            m.props.clear();
+                            self.ensure(&prev_from);
+                            self.ensure(&prev_to);
+                        }
+                        let Some((_, m)) = self.edge_merges[i].as_mut() else {
+                            return;
+                        };
+                        for (name, v) in props {
+                            match m.props.iter_mut().find(|(n, _)| *n == name) {
+                                Some(slot) => slot.1 = v,
+                                None => m.props.push((name, v)),
+                            }
+                        }
+                        m.lsn = m.lsn.max(lsn);
+                    }
+                    None => {
+                        self.edge_merge_idx
+                            .insert(id.clone(), self.edge_merges.len());
+                        self.edge_merges.push(Some((
+                            id,
+                            EdgeMerge {
+                                from,
+                                to,
+                                props,
+                                lsn,
+                            },
+                        )));
+                    }
+                }
+            }
+            GraphOp::DeleteEdge {
+                rel_type,
+                key,
+                ends,
+                lsn,
+            } => {
+                let id = match ends {
+                    Some((f, t)) => EdgeId::Pair(rel_type, f, t),
+                    None => EdgeId::Key(rel_type, key),
+                };
+                // A merge of the same edge earlier in the segment is void.
+                if let Some(i) = self.edge_merge_idx.remove(&id) {
+                    if let Some((_, m)) = self.edge_merges[i].take() {
+                        self.ensure(&m.from);
+                        self.ensure(&m.to);
+                    }
+                }
+                if self.edge_delete_idx.insert(id.clone()) {
+                    self.edge_deletes.push((id, lsn));
+                }
+            }
+            op @ (GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. }) => {
+                self.truncate = Some(op)
+            }
+        }
+    }
+
+    /// The operations of this segment grouped into statements (each group
+    /// one statement of one kind and target), in the order that keeps it exact.
+    pub(super) fn plan(self, out: &mut Vec<Vec<GraphOp>>) {
+        if let Some(op) = self.truncate {
+            out.push(vec![op]);
+            return;
+        }
+        // 1. node upserts, by label (voided entries were deleted later).
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for (node, props, lsn) in self.upserts.into_iter().flatten() {
+            groups.push(
+                Arc::clone(&node.label),
+                GraphOp::UpsertNode { node, props, lsn },
+            );
+        }
+        out.extend(groups.into_inner());
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for node in self.ensure {
+            groups.push(Arc::clone(&node.label), GraphOp::EnsureNode { node });
+        }
+        out.extend(groups.into_inner());
+
+        // 2. row-owned relationships, by type, direction and label.
+        let mut groups: Groups<(Arc<str>, bool, Arc<str>)> = Groups::default();
+        for op in self.owned {
+            if let GraphOp::SetOwnedRel {
+                rel_type,
+                own_is_from,
+                own,
+                ..
+            } = &op
+            {
+                let group = (Arc::clone(rel_type), *own_is_from, Arc::clone(&own.label));
+                groups.push(group, op);
+            }
+        }
+        out.extend(groups.into_inner());
+
+        // 3. edge deletes, by type and identity.
+        let mut groups: Groups<(Arc<str>, bool)> = Groups::default();
+        for (id, lsn) in self.edge_deletes {
+            match id {
+                EdgeId::Pair(t, f, to) => groups.push(
+                    (Arc::clone(&t), true),
+                    GraphOp::DeleteEdge {
+                        rel_type: t,
+                        key: Key(Vec::new()),
+                        ends: Some((f, to)),
+                        lsn,
+                    },
+                ),
+                EdgeId::Key(t, k) => groups.push(
+                    (Arc::clone(&t), false),
+                    GraphOp::DeleteEdge {
+                        rel_type: t,
+                        key: k,
+                        ends: None,
+                        lsn,
+                    },
+                ),
+            }
+        }
+        out.extend(groups.into_inner());
+
+        // 4. edge merges, by type.
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for (id, m) in self.edge_merges.into_iter().flatten() {
+            let (t, key) = match id {
+                EdgeId::Pair(t, _, _) => (t, Key(Vec::new())),
+                EdgeId::Key(t, k) => (t, k),
+            };
+            groups.push(
+                Arc::clone(&t),
+                GraphOp::MergeEdge {
+                    rel_type: t,
+                    key,
+                    from: m.from,
+                    to: m.to,
+                    props: m.props,
+                    lsn: m.lsn,
+                },
+            );
+        }
+        out.extend(groups.into_inner());
+
+        // 5. node deletes, by label.
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        for (node, lsn) in self.deletes {
+            groups.push(Arc::clone(&node.label), GraphOp::DeleteNode { node, lsn });
+        }
+        out.extend(groups.into_inner());
+    }
+}
+
+/// Operations grouped by a key, in first-seen order.
+struct Groups<K> {
+    order: Vec<(K, Vec<GraphOp>)>,
+    idx: HashMap<K, usize>,
+}
+
+impl<K> Default for Groups<K> {
+    fn default() -> Self {
+        Groups {
+            order: Vec::new(),
+            idx: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Groups<K> {
+    fn push(&mut self, k: K, op: GraphOp) {
+        let i = *self.idx.entry(k.clone()).or_insert_with(|| {
+            self.order.push((k, Vec::new()));
+            self.order.len() - 1
+        });
+        self.order[i].1.push(op);
+    }
+
+    fn into_inner(self) -> impl Iterator<Item = Vec<GraphOp>> {
+        self.order.into_iter().map(|(_, ops)| ops)
+    }
+}

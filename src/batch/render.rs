@@ -1,0 +1,268 @@
+//! Rendering: planned groups of operations → `UNWIND $rows AS row …`
+//! statements, their rows built straight as Bolt values, with the statement
+//! texts from [`super::cypher`].
+//!
+//! Invariant: one statement per group, in plan order; names come from the
+//! mapping (validated and quoted), values only ever travel as parameters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use neo4rs::{BoltInteger, BoltList, BoltType};
+
+use super::{cypher, Batch, Statement};
+use crate::lsn::Lsn;
+use crate::mapping::map::{GraphOp, Key};
+use crate::mapping::{Mapping, RelKind};
+
+/// The statements for a plan, in order.
+pub fn render_plan(plan: &[Vec<GraphOp>], mapping: &Mapping) -> Vec<Statement> {
+    let lookup = Lookup::new(mapping);
+    plan.iter()
+        .filter_map(|group| render(group, &lookup))
+        .collect()
+}
+
+impl Batch {
+    /// Drops one operation (one that Neo4j rejects for good) and renders
+    /// the statements again.
+    pub fn remove(&mut self, group: usize, index: usize, mapping: &Mapping) -> Option<GraphOp> {
+        let ops = self.plan.get_mut(group)?;
+        if index >= ops.len() {
+            return None;
+        }
+        let op = ops.remove(index);
+        self.plan.retain(|g| !g.is_empty());
+        self.statements = render_plan(&self.plan, mapping);
+        Some(op)
+    }
+}
+
+/// Where a graph operation comes from, for messages: the table, the key
+/// values and the commit LSN.
+pub fn describe(op: &GraphOp, mapping: &Mapping) -> (String, String, Option<Lsn>) {
+    let table_of_label = |label: &str| {
+        mapping
+            .tables
+            .iter()
+            .find(|(_, t)| t.node.as_ref().is_some_and(|n| &*n.label == label))
+            .map(|(name, _)| name.clone())
+    };
+    let table_of_type = |t: &str| {
+        mapping
+            .tables
+            .iter()
+            .find(|(_, tt)| tt.rels.iter().any(|r| &*r.rel_type == t))
+            .map(|(name, _)| name.clone())
+    };
+    let key_text = |k: &Key| {
+        let parts: Vec<String> = k.0.iter().map(|v| v.to_plain_json().to_string()).collect();
+        format!("({})", parts.join(", "))
+    };
+    let (table, key, lsn) = match op {
+        GraphOp::UpsertNode { node, lsn, .. } | GraphOp::DeleteNode { node, lsn } => {
+            (table_of_label(&node.label), key_text(&node.key), Some(*lsn))
+        }
+        GraphOp::EnsureNode { node } => (table_of_label(&node.label), key_text(&node.key), None),
+        GraphOp::SetOwnedRel {
+            rel_type, own, lsn, ..
+        } => (table_of_type(rel_type), key_text(&own.key), Some(*lsn)),
+        GraphOp::MergeEdge {
+            rel_type,
+            key,
+            from,
+            to,
+            lsn,
+            ..
+        } => (
+            table_of_type(rel_type),
+            if key.0.is_empty() {
+                format!("{}→{}", key_text(&from.key), key_text(&to.key))
+            } else {
+                key_text(key)
+            },
+            Some(*lsn),
+        ),
+        GraphOp::DeleteEdge {
+            rel_type,
+            key,
+            ends,
+            lsn,
+        } => (
+            table_of_type(rel_type),
+            match ends {
+                Some((f, t)) => format!("{}→{}", key_text(&f.key), key_text(&t.key)),
+                None => key_text(key),
+            },
+            Some(*lsn),
+        ),
+        GraphOp::TruncateLabel { label } => (table_of_label(label), "(all rows)".into(), None),
+        GraphOp::TruncateType { rel_type } => (table_of_type(rel_type), "(all rows)".into(), None),
+    };
+    (
+        table.unwrap_or_else(|| "an unmapped table".into()),
+        key,
+        lsn,
+    )
+}
+
+/// One statement for a group of operations of the same kind and target.
+fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
+    let lsn = |l: Lsn| BoltType::Integer(BoltInteger::new(l.to_i64()));
+    let first = group.first()?;
+    let mut rows = BoltList::with_capacity(group.len());
+    for op in group {
+        let op = op.clone();
+        let row = match op {
+            GraphOp::UpsertNode {
+                node,
+                props,
+                lsn: l,
+            } => cypher::row(vec![
+                ("k", cypher::key_list(&node.key)),
+                ("p", cypher::props_map(&props)),
+                ("lsn", lsn(l)),
+            ]),
+            GraphOp::DeleteNode { node, lsn: l } => {
+                cypher::row(vec![("k", cypher::key_list(&node.key)), ("lsn", lsn(l))])
+            }
+            GraphOp::EnsureNode { node } => cypher::row(vec![("k", cypher::key_list(&node.key))]),
+            GraphOp::SetOwnedRel {
+                own, other, lsn: l, ..
+            } => cypher::row(vec![
+                ("o", cypher::key_list(&own.key)),
+                (
+                    "t",
+                    other
+                        .as_ref()
+                        .map_or(BoltType::Null(neo4rs::BoltNull), |o| {
+                            cypher::key_list(&o.key)
+                        }),
+                ),
+                ("lsn", lsn(l)),
+            ]),
+            GraphOp::DeleteEdge {
+                key, ends, lsn: l, ..
+            } => match ends {
+                Some((f, t)) => cypher::row(vec![
+                    ("f", cypher::key_list(&f.key)),
+                    ("t", cypher::key_list(&t.key)),
+                    ("lsn", lsn(l)),
+                ]),
+                None => cypher::row(vec![("k", cypher::key_list(&key)), ("lsn", lsn(l))]),
+            },
+            GraphOp::MergeEdge {
+                key,
+                from,
+                to,
+                props,
+                lsn: l,
+                ..
+            } => cypher::row(vec![
+                ("f", cypher::key_list(&from.key)),
+                ("t", cypher::key_list(&to.key)),
+                ("k", cypher::key_list(&key)),
+                ("p", cypher::props_map(&props)),
+                ("lsn", lsn(l)),
+            ]),
+            GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => continue,
+        };
+        rows.push(row);
+    }
+    let cypher = match first {
+        GraphOp::UpsertNode { node, .. } => {
+            cypher::upsert_nodes(&node.label, lookup.key_props(&node.label))
+        }
+        GraphOp::DeleteNode { node, .. } => {
+            cypher::delete_nodes(&node.label, lookup.key_props(&node.label))
+        }
+        GraphOp::EnsureNode { node } => {
+            cypher::ensure_nodes(&node.label, lookup.key_props(&node.label))
+        }
+        GraphOp::SetOwnedRel {
+            rel_type,
+            own,
+            own_is_from,
+            ..
+        } => {
+            let other = lookup.other_end(rel_type, *own_is_from)?;
+            cypher::set_owned_rels(
+                rel_type,
+                &own.label,
+                lookup.key_props(&own.label),
+                &other,
+                lookup.key_props(&other),
+                *own_is_from,
+            )
+        }
+        GraphOp::DeleteEdge { rel_type, ends, .. } => {
+            let rel = lookup.rel(rel_type)?;
+            if ends.is_some() {
+                cypher::delete_edges_by_ends(
+                    rel_type,
+                    (&rel.from.label, &rel.from.key_props),
+                    (&rel.to.label, &rel.to.key_props),
+                )
+            } else {
+                cypher::delete_edges_by_key(rel_type, &rel.key_columns)
+            }
+        }
+        GraphOp::MergeEdge { rel_type, .. } => {
+            let rel = lookup.rel(rel_type)?;
+            let edge_key = match rel.kind {
+                RelKind::Edge {
+                    pair_identity: false,
+                } => Some(rel.key_columns.as_slice()),
+                _ => None,
+            };
+            cypher::merge_edges(
+                rel_type,
+                (&rel.from.label, &rel.from.key_props),
+                (&rel.to.label, &rel.to.key_props),
+                edge_key,
+            )
+        }
+        GraphOp::TruncateLabel { label } => cypher::truncate_label(label),
+        GraphOp::TruncateType { rel_type } => cypher::truncate_type(rel_type),
+    };
+    Some(Statement { cypher, rows })
+}
+
+/// Finds mapping details by label or type.
+struct Lookup<'m> {
+    labels: HashMap<&'m str, &'m [Arc<str>]>,
+    rels: HashMap<&'m str, &'m crate::mapping::RelTarget>,
+}
+
+impl<'m> Lookup<'m> {
+    fn new(mapping: &'m Mapping) -> Self {
+        let mut labels = HashMap::new();
+        let mut rels = HashMap::new();
+        for t in mapping.tables.values() {
+            if let Some(n) = &t.node {
+                labels.insert(&*n.label, n.key_props.as_slice());
+            }
+            for r in &t.rels {
+                rels.insert(&*r.rel_type, r);
+            }
+        }
+        Lookup { labels, rels }
+    }
+
+    fn key_props(&self, label: &str) -> &'m [Arc<str>] {
+        self.labels.get(label).copied().unwrap_or(&[])
+    }
+
+    fn rel(&self, t: &str) -> Option<&'m crate::mapping::RelTarget> {
+        self.rels.get(t).copied()
+    }
+
+    fn other_end(&self, t: &str, own_is_from: bool) -> Option<Arc<str>> {
+        let r = self.rel(t)?;
+        Some(Arc::clone(if own_is_from {
+            &r.to.label
+        } else {
+            &r.from.label
+        }))
+    }
+}

@@ -1,0 +1,372 @@
+//! The measurements: each drains or follows its own slot.
+//!
+//! Invariant: every measurement reads the same WAL from a slot made before
+//! the workload, so their figures compare.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::AsyncReadExt;
+
+use super::child::{find_pg_binary, metric, proc_stats, scrape, stop_child, tail, wait_ready};
+use super::{child_toml, Bench, Measurement, Phase, PUBLICATION, SCHEMA, SLOT_PREFIX};
+use crate::batch::{Batch, Batcher};
+use crate::mapping::map::Mapper;
+use crate::pipeline::compile_mapping;
+use crate::sink::Sink;
+use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
+use crate::transactions::{Assembler, TxnPart};
+
+impl Bench {
+    /// `pg_recvlogical` from its slot to /dev/null, until `target`.
+    pub(super) async fn recvlogical(
+        &self,
+        target: crate::lsn::Lsn,
+        total: u64,
+        wal_mib: f64,
+    ) -> anyhow::Result<Measurement> {
+        let bin = find_pg_binary("pg_recvlogical")?;
+        // The protocol options walgraph negotiates, so both read the same output.
+        let version: i32 = self
+            .client()
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?
+            .get(0);
+        let proto = match version {
+            v if v >= 160_000 => 4,
+            v if v >= 150_000 => 3,
+            v if v >= 140_000 => 2,
+            _ => 1,
+        };
+        let mut protocol = vec![format!("proto_version={proto}")];
+        if proto >= 2 && self.cfg.postgres.streaming {
+            protocol.push("streaming=on".into());
+        }
+        let url = self.cfg.postgres.url.clone().unwrap_or_default();
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(&bin)
+            .args([
+                "--dbname",
+                &url,
+                "--slot",
+                &format!("{SLOT_PREFIX}recv"),
+                "--start",
+                "--no-loop",
+                "--endpos",
+                &target.to_string(),
+                "--file",
+                "/dev/null",
+                "--option",
+                &format!("publication_names={PUBLICATION}"),
+            ])
+            .args(protocol.iter().flat_map(|o| ["--option", o.as_str()]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let mut peak = 0.0f64;
+        let mut cpu = 0.0f64;
+        let status = loop {
+            if let Some((c, r)) = proc_stats(pid) {
+                cpu = cpu.max(c);
+                peak = peak.max(r);
+            }
+            tokio::select! {
+                s = child.wait() => break s?,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("pg_recvlogical did not reach {target} in 30 minutes");
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        if !status.success() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err).await;
+            }
+            bail!("pg_recvlogical failed: {}", err.trim());
+        }
+        Ok(Measurement {
+            name: "pg_recvlogical to /dev/null".into(),
+            settings: protocol.join(", "),
+            changes: total,
+            seconds,
+            changes_per_sec: total as f64 / seconds,
+            wal_mib_per_sec: Some(wal_mib / seconds),
+            cpu_sec_per_million: (cpu > 0.0).then(|| cpu / (total as f64 / 1e6)),
+            peak_rss_mib: (peak > 0.0).then_some(peak),
+            latency_ms: None,
+        })
+    }
+
+    /// Runs `walgraph run` as a child with `cfg` until it has applied
+    /// `total` changes (or for `limit`), sampling its CPU time and memory.
+    pub(super) async fn drain_child(
+        &self,
+        phase: &Phase,
+        null_sink: bool,
+        total: u64,
+        limit: Option<Duration>,
+    ) -> anyhow::Result<Measurement> {
+        let (mut child, addr, log) = self.spawn_run(phase, null_sink).await?;
+        let pid = child.id().unwrap_or(0);
+        // The clock starts when replication does.
+        wait_ready(&mut child, &addr, &log).await?;
+        let started = Instant::now();
+        let mut cpu_at_start = proc_stats(pid).map_or(0.0, |s| s.0);
+        if cpu_at_start.is_nan() {
+            cpu_at_start = 0.0;
+        }
+        let mut peak = 0.0f64;
+        let mut cpu = 0.0f64;
+        let mut applied;
+        loop {
+            if let Some((c, r)) = proc_stats(pid) {
+                cpu = c;
+                peak = peak.max(r);
+            }
+            let m = scrape(&addr).await.unwrap_or_default();
+            applied = metric(&m, "walgraph_changes_applied_total").unwrap_or(0.0) as u64;
+            if applied >= total || limit.is_some_and(|l| started.elapsed() >= l) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("walgraph run stopped ({status}): {}", tail(&log));
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("walgraph did not catch up within an hour: {applied} of {total} changes");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        stop_child(&mut child).await;
+        Ok(Measurement {
+            changes: applied,
+            seconds,
+            changes_per_sec: applied as f64 / seconds,
+            cpu_sec_per_million: Some((cpu - cpu_at_start) / (applied.max(1) as f64 / 1e6)),
+            peak_rss_mib: Some(peak),
+            ..Measurement::default()
+        })
+    }
+
+    pub(super) async fn spawn_run(
+        &self,
+        phase: &Phase,
+        null_sink: bool,
+    ) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
+        let cfg = &phase.cfg;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let path = self.dir.join(format!("{}.toml", cfg.postgres.slot));
+        let log = self.dir.join(format!("{}.log", cfg.postgres.slot));
+        std::fs::write(&path, child_toml(cfg, &phase.tag, &addr))?;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.arg("--config").arg(&path).arg("run");
+        if null_sink {
+            cmd.arg("--null-sink");
+        }
+        if let Some(url) = &cfg.postgres.url {
+            cmd.env("WALGRAPH_PG_URL", url);
+        }
+        cmd.env("WALGRAPH_NEO4J_URI", &cfg.neo4j.uri)
+            .env("WALGRAPH_NEO4J_USER", &cfg.neo4j.user);
+        if let Some(p) = &cfg.neo4j.password {
+            cmd.env("WALGRAPH_NEO4J_PASSWORD", p.expose());
+        }
+        let child = cmd
+            .env("WALGRAPH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start walgraph run")?;
+        Ok((child, addr, log))
+    }
+
+    /// Reads the slot into batches, then times writing them to Neo4j one
+    /// after another.
+    pub(super) async fn prebuilt(&self, phase: &Phase, total: u64) -> anyhow::Result<Measurement> {
+        let cfg = &phase.cfg;
+        let mapping = std::sync::Arc::new(compile_mapping(&self.pg, cfg).await?);
+        let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?;
+        let mut stream = ReplicationStream::connect(&info).await?;
+        let proto_version = stream
+            .negotiate_proto_version(cfg.postgres.proto_version)
+            .await?;
+        stream
+            .start(&StartOptions {
+                slot: cfg.postgres.slot.clone(),
+                publications: vec![PUBLICATION.into()],
+                start: crate::lsn::Lsn::ZERO,
+                proto_version,
+                messages: false,
+                streaming: cfg.postgres.streaming,
+                two_phase: false,
+            })
+            .await?;
+        let mapper = Mapper::new(std::sync::Arc::clone(&mapping));
+        let mut assembler = Assembler::with_spill(cfg.postgres.spill());
+        let mut batcher = Batcher::new();
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut seen = 0u64;
+        let mut current = (crate::lsn::Lsn::ZERO, crate::lsn::Lsn::ZERO, 0u64);
+        while seen < total {
+            let ReplicationEvent::XLogData { data, .. } = stream.next_event().await? else {
+                continue;
+            };
+            assembler.push(&data)?;
+            while let Some(part) = assembler.next_part()? {
+                match part {
+                    TxnPart::Begin(h) => current = (h.commit_lsn, h.end_lsn, 0),
+                    TxnPart::Change(c) => {
+                        let mut ops = Vec::new();
+                        mapper.map_change(&c, current.0, &mut ops)?;
+                        current.2 += 1;
+                        batcher.push_partial(ops, current.1, current.2);
+                        seen += 1;
+                    }
+                    TxnPart::Commit(h) => batcher.end_transaction(h.end_lsn),
+                    TxnPart::Message(_) => {}
+                }
+                if batcher.changes() >= cfg.batch.max_changes {
+                    batches.push(batcher.take(&mapping));
+                }
+            }
+        }
+        if !batcher.is_empty() {
+            batches.push(batcher.take(&mapping));
+        }
+        drop(stream);
+        let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
+        let started = Instant::now();
+        for b in &batches {
+            sink.apply(b, &[]).await?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(Measurement {
+            name: "pre-built batches to Neo4j".into(),
+            settings: format!(
+                "{} batches, {:.1} statements each",
+                batches.len(),
+                batches.iter().map(|b| b.statements.len()).sum::<usize>() as f64
+                    / batches.len().max(1) as f64
+            ),
+            changes: total,
+            seconds,
+            changes_per_sec: total as f64 / seconds,
+            ..Measurement::default()
+        })
+    }
+
+    /// A paced workload while walgraph runs; latency from its metrics.
+    pub(super) async fn steady(
+        &self,
+        i: usize,
+        rate: u64,
+        delay: Duration,
+        mix: [u64; 3],
+    ) -> anyhow::Result<Measurement> {
+        // The same workload for every run: it starts from an empty table
+        // (emptied before the slot exists, so the slot does not see it).
+        self.client()
+            .batch_execute(&format!("TRUNCATE {SCHEMA}.items"))
+            .await?;
+        let slot = format!("steady_{i}");
+        self.create_slot(&slot).await?;
+        let phase = self.phase_config(
+            &slot,
+            &format!("S{i}"),
+            crate::config::BatchConfig::default().max_changes,
+            delay,
+        )?;
+        self.ensure_constraints(&phase).await?;
+        let (mut child, addr, log) = self.spawn_run(&phase, false).await?;
+        let pid = child.id().unwrap_or(0);
+        wait_ready(&mut child, &addr, &log).await?;
+        let cpu0 = proc_stats(pid).map_or(0.0, |s| s.0);
+        let changes = rate * self.opts.steady_secs;
+        let started = Instant::now();
+        let w = self.write_workload(changes, mix, Some(rate)).await?;
+        let written_in = started.elapsed().as_secs_f64();
+        let mut peak = 0.0f64;
+        let mut cpu = 0.0;
+        let m = loop {
+            if let Some((c, r)) = proc_stats(pid) {
+                cpu = c;
+                peak = peak.max(r);
+            }
+            let m = scrape(&addr).await.unwrap_or_default();
+            if metric(&m, "walgraph_changes_applied_total").unwrap_or(0.0) as u64 >= w.changes {
+                break m;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("walgraph run stopped ({status}): {}", tail(&log));
+            }
+            if started.elapsed() > Duration::from_secs(self.opts.steady_secs * 10 + 60) {
+                bail!("walgraph fell behind the steady workload and did not catch up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        stop_child(&mut child).await;
+        let q = |q: &str| {
+            metric(
+                &m,
+                &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
+            )
+            .unwrap_or(f64::NAN)
+                * 1000.0
+        };
+        Ok(Measurement {
+            name: "steady rate, commit to graph".into(),
+            settings: format!("{rate}/s, max_delay {}", humantime::format_duration(delay)),
+            changes: w.changes,
+            seconds: written_in,
+            changes_per_sec: w.changes as f64 / written_in,
+            wal_mib_per_sec: None,
+            cpu_sec_per_million: Some((cpu - cpu0) / (w.changes.max(1) as f64 / 1e6)),
+            peak_rss_mib: Some(peak),
+            latency_ms: Some([q("0.5"), q("0.95"), q("0.99"), q("1")]),
+        })
+    }
+
+    /// One transaction of `rows` inserts, then walgraph through it.
+    pub(super) async fn big_txn(&self, rows: u64) -> anyhow::Result<Measurement> {
+        self.create_slot("big").await?;
+        let phase = self.phase_config(
+            "big",
+            "Big",
+            crate::config::BatchConfig::default().max_changes,
+            Duration::from_millis(100),
+        )?;
+        self.ensure_constraints(&phase).await?;
+        let row = self
+            .client()
+            .query_one(
+                &format!("SELECT coalesce(max(id), 0) FROM {SCHEMA}.items"),
+                &[],
+            )
+            .await?;
+        let first: i64 = row.get::<_, i64>(0) + 1;
+        let payload = "x".repeat(self.opts.width);
+        self.client()
+            .batch_execute(&format!(
+                "INSERT INTO {SCHEMA}.items SELECT g, NULL, g, '{payload}' FROM generate_series({first}::bigint, {}) g",
+                first + rows as i64 - 1
+            ))
+            .await?;
+        let mut m = self.drain_child(&phase, false, rows, None).await?;
+        m.name = "one huge transaction".into();
+        m.settings = format!("{rows} rows, max_changes {}", phase.cfg.batch.max_changes);
+        Ok(m)
+    }
+}

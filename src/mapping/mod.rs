@@ -1,0 +1,432 @@
+//! The mapping: which tables become nodes and which become relationships.
+//!
+//! The file form ([`NodeMapping`], [`RelationshipMapping`], part of the
+//! [`crate::config`]) is compiled
+//! against the database catalog into a [`Mapping`]. Compilation refuses, with
+//! one sentence each, a missing table or column, a key that is not unique, and
+//! labels, types or property names that are not plain identifiers. Names are
+//! later quoted in Cypher; values only ever travel as parameters.
+//!
+//! Invariant: a compiled [`Mapping`] names only tables, columns and keys the
+//! catalog has.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+pub use crate::config::{EndpointMapping, NodeMapping, RelationshipMapping};
+pub use crate::source::catalog::{Catalog, TableInfo};
+
+pub mod infer;
+pub mod map;
+
+/// Why a mapping cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MappingError(pub String);
+
+fn err<T>(msg: String) -> Result<T, MappingError> {
+    Err(MappingError(msg))
+}
+
+/// A column and the property it becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyMap {
+    /// Column name.
+    pub column: String,
+    /// Property name.
+    pub property: Arc<str>,
+}
+
+/// A compiled `[[node]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTarget {
+    /// Label.
+    pub label: Arc<str>,
+    /// Key columns.
+    pub key_columns: Vec<String>,
+    /// Key property names, aligned with `key_columns`.
+    pub key_props: Vec<Arc<str>>,
+    /// Non-key columns that become properties.
+    pub props: Vec<PropertyMap>,
+}
+
+/// A compiled relationship endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointTarget {
+    /// Label.
+    pub label: Arc<str>,
+    /// This table's columns holding the key.
+    pub columns: Vec<String>,
+    /// The node's key property names, aligned with `columns`.
+    pub key_props: Vec<Arc<str>>,
+}
+
+/// How a relationship relates to its table's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelKind {
+    /// A foreign key on a node table: each row owns at most one edge of this
+    /// type, attached to the row's own node.
+    RowOwned {
+        /// The row's own node is the start (else the end) of the edge.
+        own_is_from: bool,
+    },
+    /// A join table: each row is an edge.
+    Edge {
+        /// The table key is exactly the endpoint columns, so an edge is
+        /// identified by its two nodes; otherwise by key properties on it.
+        pair_identity: bool,
+    },
+}
+
+/// A compiled `[[relationship]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelTarget {
+    /// Relationship type.
+    pub rel_type: Arc<str>,
+    /// Row-owned or edge rows.
+    pub kind: RelKind,
+    /// Start node.
+    pub from: EndpointTarget,
+    /// End node.
+    pub to: EndpointTarget,
+    /// Key columns of the table (edge identity when not pair identity).
+    pub key_columns: Vec<String>,
+    /// Columns copied onto the edge.
+    pub props: Vec<PropertyMap>,
+}
+
+/// Everything mapped from one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableTarget {
+    /// The node its rows become, if any.
+    pub node: Option<NodeTarget>,
+    /// The relationships its rows carry.
+    pub rels: Vec<RelTarget>,
+}
+
+/// A compiled mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// Targets by schema-qualified table name.
+    pub tables: HashMap<String, TableTarget>,
+}
+
+impl Mapping {
+    /// The tables the publication must contain, sorted.
+    pub fn table_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.tables.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Every (label, key properties) pair, for uniqueness constraints.
+    pub fn node_keys(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
+        let mut v: Vec<_> = self
+            .tables
+            .values()
+            .filter_map(|t| t.node.as_ref())
+            .map(|n| (Arc::clone(&n.label), n.key_props.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every relationship type with edge-key properties (join tables whose
+    /// key is not their two endpoints), for indexes.
+    pub fn edge_keys(&self) -> Vec<(Arc<str>, Vec<String>)> {
+        let mut v: Vec<_> = self
+            .tables
+            .values()
+            .flat_map(|t| &t.rels)
+            .filter(|r| {
+                r.kind
+                    == RelKind::Edge {
+                        pair_identity: false,
+                    }
+            })
+            .map(|r| (Arc::clone(&r.rel_type), r.key_columns.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// True for names that can be labels, types or properties: a letter or
+/// underscore, then letters, digits or underscores.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
+}
+
+/// Quotes a validated name for Cypher.
+pub fn quote(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+fn check_name(kind: &str, s: &str) -> Result<(), MappingError> {
+    if !is_identifier(s) {
+        return err(format!(
+            "the {kind} `{s}` is not allowed: use letters, digits and underscores, starting with a letter"
+        ));
+    }
+    if s == "_lsn" {
+        return err(format!(
+            "the {kind} `_lsn` is reserved for walgraph's own bookkeeping"
+        ));
+    }
+    Ok(())
+}
+
+fn table_info<'a>(catalog: &'a Catalog, table: &str) -> Result<&'a TableInfo, MappingError> {
+    if !table.contains('.') {
+        return err(format!(
+            "the mapping names table `{table}` without a schema; write it schema-qualified, like public.{table}"
+        ));
+    }
+    catalog.get(table).ok_or_else(|| {
+        MappingError(format!(
+            "the mapping names table {table}, which does not exist in the database"
+        ))
+    })
+}
+
+fn check_columns(
+    table: &str,
+    info: &TableInfo,
+    cols: &[String],
+    what: &str,
+) -> Result<(), MappingError> {
+    for c in cols {
+        if !info.columns.contains(c) {
+            return err(format!(
+                "the mapping names column `{c}` ({what}) of {table}, which has no such column"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_unique(info: &TableInfo, cols: &[String]) -> bool {
+    let set: HashSet<&String> = cols.iter().collect();
+    info.unique
+        .iter()
+        .any(|u| !u.is_empty() && u.iter().all(|c| set.contains(c)))
+}
+
+/// Compiles and checks the mapping against the catalog.
+pub fn compile(
+    nodes: &[NodeMapping],
+    relationships: &[RelationshipMapping],
+    catalog: &Catalog,
+) -> Result<Mapping, MappingError> {
+    let mut mapping = Mapping::default();
+    let mut labels: HashMap<String, NodeTarget> = HashMap::new();
+    if nodes.is_empty() && relationships.is_empty() {
+        return err(
+            "the mapping is empty: add [[node]] or [[relationship]] sections to the configuration"
+                .into(),
+        );
+    }
+    for n in nodes {
+        let info = table_info(catalog, &n.table)?;
+        check_name("label", &n.label)?;
+        if labels.contains_key(&n.label) {
+            return err(format!(
+                "the label {} is mapped from two tables; map each label once",
+                n.label
+            ));
+        }
+        let key = match &n.key {
+            Some(k) if !k.is_empty() => k.clone(),
+            _ if !info.primary_key.is_empty() => info.primary_key.clone(),
+            _ => {
+                return err(format!(
+                    "{} has no primary key: add one, or give `key = [...]` naming unique columns in its [[node]] section",
+                    n.table
+                ))
+            }
+        };
+        check_columns(&n.table, info, &key, "key")?;
+        if !is_unique(info, &key) {
+            return err(format!(
+                "the key ({}) of {} is not unique in the database: add a unique constraint on it or choose the primary key",
+                key.join(", "),
+                n.table
+            ));
+        }
+        check_columns(&n.table, info, &n.exclude, "exclude")?;
+        if let Some(inc) = &n.include {
+            check_columns(&n.table, info, inc, "include")?;
+        }
+        let renames: Vec<String> = n.rename.keys().cloned().collect();
+        check_columns(&n.table, info, &renames, "rename")?;
+        let prop_name = |c: &String| -> Result<Arc<str>, MappingError> {
+            let p = n.rename.get(c).unwrap_or(c);
+            check_name("property", p)?;
+            Ok(Arc::from(p.as_str()))
+        };
+        let key_props = key.iter().map(prop_name).collect::<Result<Vec<_>, _>>()?;
+        let mut props = Vec::new();
+        let mut seen: HashSet<Arc<str>> = key_props.iter().cloned().collect();
+        for c in &info.columns {
+            let included = n.include.as_ref().is_none_or(|inc| inc.contains(c));
+            if key.contains(c) || !included || n.exclude.contains(c) {
+                continue;
+            }
+            let property = prop_name(c)?;
+            if !seen.insert(Arc::clone(&property)) {
+                return err(format!(
+                    "two columns of {} map to the property {property}",
+                    n.table
+                ));
+            }
+            props.push(PropertyMap {
+                column: c.clone(),
+                property,
+            });
+        }
+        let target = NodeTarget {
+            label: Arc::from(n.label.as_str()),
+            key_columns: key,
+            key_props,
+            props,
+        };
+        labels.insert(n.label.clone(), target.clone());
+        let entry = mapping.tables.entry(n.table.clone()).or_default();
+        if entry.node.is_some() {
+            return err(format!(
+                "{} is mapped to two labels; map each table to one label",
+                n.table
+            ));
+        }
+        entry.node = Some(target);
+    }
+    let mut types = HashSet::new();
+    for r in relationships {
+        let info = table_info(catalog, &r.table)?;
+        check_name("relationship type", &r.rel_type)?;
+        if !types.insert(r.rel_type.clone()) {
+            return err(format!(
+                "the relationship type {} is mapped twice; map each type once",
+                r.rel_type
+            ));
+        }
+        let endpoint = |e: &EndpointMapping, side: &str| -> Result<EndpointTarget, MappingError> {
+            let node = labels.get(&e.label).ok_or_else(|| {
+                MappingError(format!(
+                    "relationship {} points {side} label {}, which no [[node]] section maps",
+                    r.rel_type, e.label
+                ))
+            })?;
+            check_columns(&r.table, info, &e.columns, side)?;
+            if e.columns.len() != node.key_props.len() {
+                return err(format!(
+                    "relationship {} gives {} column(s) for its {side} end, but {} has a key of {}",
+                    r.rel_type,
+                    e.columns.len(),
+                    e.label,
+                    node.key_props.len()
+                ));
+            }
+            Ok(EndpointTarget {
+                label: Arc::clone(&node.label),
+                columns: e.columns.clone(),
+                key_props: node.key_props.clone(),
+            })
+        };
+        let from = endpoint(&r.from, "from")?;
+        let to = endpoint(&r.to, "to")?;
+        check_columns(&r.table, info, &r.properties, "properties")?;
+        let props = r
+            .properties
+            .iter()
+            .map(|c| {
+                check_name("property", c)?;
+                Ok(PropertyMap {
+                    column: c.clone(),
+                    property: Arc::from(c.as_str()),
+                })
+            })
+            .collect::<Result<Vec<_>, MappingError>>()?;
+        let own = mapping.tables.get(&r.table).and_then(|t| t.node.clone());
+        let (kind, key_columns) = match own {
+            Some(own) => {
+                let is_own =
+                    |e: &EndpointTarget| e.label == own.label && e.columns == own.key_columns;
+                let own_is_from = if is_own(&from) {
+                    true
+                } else if is_own(&to) {
+                    false
+                } else {
+                    return err(format!(
+                        "relationship {} is on node table {}, so one of its ends must be that table's own node ({} by its key columns)",
+                        r.rel_type, r.table, own.label
+                    ));
+                };
+                (RelKind::RowOwned { own_is_from }, own.key_columns.clone())
+            }
+            None => {
+                let key = if info.primary_key.is_empty() {
+                    let mut k = from.columns.clone();
+                    k.extend(to.columns.iter().cloned());
+                    if !is_unique(info, &k) {
+                        return err(format!(
+                            "join table {} has no primary key and its endpoint columns are not unique: add a primary key",
+                            r.table
+                        ));
+                    }
+                    k
+                } else {
+                    info.primary_key.clone()
+                };
+                let endpoints: HashSet<&String> = from.columns.iter().chain(&to.columns).collect();
+                let keyset: HashSet<&String> = key.iter().collect();
+                if keyset.is_empty() {
+                    return err(format!("join table {} needs a key", r.table));
+                }
+                for c in &key {
+                    check_name("key property", c)?;
+                }
+                (
+                    RelKind::Edge {
+                        pair_identity: keyset == endpoints,
+                    },
+                    key,
+                )
+            }
+        };
+        mapping
+            .tables
+            .entry(r.table.clone())
+            .or_default()
+            .rels
+            .push(RelTarget {
+                rel_type: Arc::from(r.rel_type.as_str()),
+                kind,
+                from,
+                to,
+                key_columns,
+                props,
+            });
+    }
+    for (table, target) in &mapping.tables {
+        let info = table_info(catalog, table)?;
+        if info.replica_identity == 'n' {
+            return err(format!(
+                "{table} has REPLICA IDENTITY NOTHING, so Postgres cannot say which row an update or delete touched: run ALTER TABLE {table} REPLICA IDENTITY DEFAULT (with a primary key) or FULL"
+            ));
+        }
+        if info.replica_identity == 'd' && info.primary_key.is_empty() {
+            return err(format!(
+                "{table} has no primary key, so Postgres cannot say which row an update or delete touched: add a primary key or run ALTER TABLE {table} REPLICA IDENTITY FULL"
+            ));
+        }
+        let _ = target;
+    }
+    Ok(mapping)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

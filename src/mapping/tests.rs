@@ -1,0 +1,121 @@
+//! Compiling mappings: the demo mapping, and one sentence for each bad one.
+
+use super::*;
+use crate::config::Config;
+
+/// The demo schema's catalog.
+pub fn demo_catalog() -> Catalog {
+    let t = |cols: &[&str], pk: &[&str]| TableInfo {
+        columns: cols.iter().map(|s| s.to_string()).collect(),
+        primary_key: pk.iter().map(|s| s.to_string()).collect(),
+        unique: vec![pk.iter().map(|s| s.to_string()).collect()],
+        replica_identity: 'd',
+    };
+    let mut c = Catalog::new();
+    c.insert(
+        "public.users".into(),
+        t(&["id", "name", "password_hash", "created_at"], &["id"]),
+    );
+    c.insert("public.roles".into(), t(&["id", "name"], &["id"]));
+    c.insert(
+        "public.user_roles".into(),
+        t(
+            &["user_id", "role_id", "granted_at"],
+            &["user_id", "role_id"],
+        ),
+    );
+    c.insert(
+        "public.orders".into(),
+        t(&["id", "user_id", "total"], &["id"]),
+    );
+    c
+}
+
+pub const DEMO_MAPPING: &str = r#"
+[[node]]
+table = "public.users"
+label = "User"
+exclude = ["password_hash"]
+rename = { created_at = "createdAt" }
+
+[[node]]
+table = "public.roles"
+label = "Role"
+
+[[node]]
+table = "public.orders"
+label = "Order"
+
+[[relationship]]
+table = "public.orders"
+type = "PLACED_BY"
+from = { label = "Order", columns = ["id"] }
+to = { label = "User", columns = ["user_id"] }
+
+[[relationship]]
+table = "public.user_roles"
+type = "HAS_ROLE"
+from = { label = "User", columns = ["user_id"] }
+to = { label = "Role", columns = ["role_id"] }
+properties = ["granted_at"]
+"#;
+
+pub fn demo_mapping() -> Mapping {
+    let cfg = Config::parse(DEMO_MAPPING).unwrap();
+    compile(&cfg.nodes, &cfg.relationships, &demo_catalog()).unwrap()
+}
+
+#[test]
+fn demo_mapping_compiles() {
+    let m = demo_mapping();
+    let users = m.tables["public.users"].node.as_ref().unwrap();
+    assert_eq!(&*users.label, "User");
+    let props: Vec<&str> = users.props.iter().map(|p| &*p.property).collect();
+    assert_eq!(props, ["name", "createdAt"]);
+    let orders = &m.tables["public.orders"];
+    assert_eq!(orders.rels[0].kind, RelKind::RowOwned { own_is_from: true });
+    let ur = &m.tables["public.user_roles"];
+    assert!(ur.node.is_none());
+    assert_eq!(
+        ur.rels[0].kind,
+        RelKind::Edge {
+            pair_identity: true
+        }
+    );
+}
+
+fn compile_err(toml_text: &str, catalog: &Catalog) -> String {
+    let cfg = Config::parse(toml_text).unwrap();
+    compile(&cfg.nodes, &cfg.relationships, catalog)
+        .unwrap_err()
+        .0
+}
+
+#[test]
+fn bad_mappings_are_refused_with_one_sentence() {
+    let c = demo_catalog();
+    let e = compile_err("[[node]]\ntable=\"public.nope\"\nlabel=\"X\"\n", &c);
+    assert!(e.contains("public.nope, which does not exist"), "{e}");
+    let e = compile_err(
+        "[[node]]\ntable=\"public.users\"\nlabel=\"U\"\nexclude=[\"pw\"]\n",
+        &c,
+    );
+    assert!(e.contains("column `pw`"), "{e}");
+    let e = compile_err(
+        "[[node]]\ntable=\"public.users\"\nlabel=\"U\"\nkey=[\"name\"]\n",
+        &c,
+    );
+    assert!(e.contains("not unique"), "{e}");
+    let e = compile_err(
+        "[[node]]\ntable=\"public.users\"\nlabel=\"Bad Label\"\n",
+        &c,
+    );
+    assert!(e.contains("not allowed"), "{e}");
+    let e = compile_err("[[node]]\ntable=\"users\"\nlabel=\"U\"\n", &c);
+    assert!(e.contains("schema-qualified"), "{e}");
+    let mut nopk = c.clone();
+    nopk.get_mut("public.roles").unwrap().primary_key.clear();
+    nopk.get_mut("public.roles").unwrap().unique.clear();
+    let e = compile_err("[[node]]\ntable=\"public.roles\"\nlabel=\"R\"\n", &nopk);
+    assert!(e.contains("no primary key"), "{e}");
+}

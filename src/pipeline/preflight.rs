@@ -1,0 +1,164 @@
+//! Pre-flight: everything checked before a command streams or copies —
+//! `wal_level`, the mapping against the catalog, the publication, the slot
+//! (and whether another process holds it), Neo4j and its constraints, and an
+//! unfinished snapshot.
+//!
+//! Invariant: a check that fails says what is wrong and which command fixes
+//! it, and nothing has been changed in either database by then.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::sleep;
+
+use super::RunError;
+use crate::config::Config;
+use crate::mapping::{self, Mapping};
+use crate::sink::{snapshot_state, Sink};
+use crate::source::catalog::PgClient;
+use crate::source::ConnInfo;
+
+/// Everything checked before streaming.
+pub struct Prepared {
+    /// Postgres connection settings.
+    pub info: ConnInfo,
+    /// The compiled mapping.
+    pub mapping: Arc<Mapping>,
+    /// Neo4j; `None` for the null sink, which writes nothing (benchmarks).
+    pub sink: Option<Sink>,
+}
+
+/// Reads the catalog of the mapped tables and compiles the mapping against it.
+pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, RunError> {
+    let tables: Vec<String> = cfg
+        .nodes
+        .iter()
+        .map(|n| n.table.clone())
+        .chain(cfg.relationships.iter().map(|r| r.table.clone()))
+        .collect();
+    let catalog = pg.catalog(&tables).await?;
+    Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
+}
+
+/// Checks the world before streaming: `wal_level`, the mapping against the
+/// catalog, publication, slot, Neo4j and its constraints.
+pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_with(cfg, false).await
+}
+
+/// As [`prepare`]; with `null_sink`, Neo4j is neither contacted nor written.
+pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, RunError> {
+    let p = prepare_checks(cfg, null_sink, true).await?;
+    if let Some(sink) = &p.sink {
+        let state = snapshot_state::read_state(sink, &cfg.postgres.slot)
+            .await
+            .map_err(|e| {
+                RunError::NotReady(format!("cannot read the snapshot state from Neo4j: {e}"))
+            })?;
+        if state.is_some_and(|s| !s.done) {
+            return Err(RunError::NotReady(format!(
+                "a snapshot for slot {} was started and not finished; run `walgraph snapshot` to finish it first",
+                cfg.postgres.slot
+            )));
+        }
+    }
+    Ok(p)
+}
+
+/// The checks of [`prepare`] without the one for an unfinished snapshot
+/// (for `walgraph snapshot` itself).
+pub async fn prepare_for_snapshot(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_checks(cfg, false, true).await
+}
+
+/// The checks of [`prepare`] for commands that only read the slot's state
+/// and may run beside `walgraph run` (`reconcile`).
+pub async fn prepare_beside_run(cfg: &Config) -> Result<Prepared, RunError> {
+    prepare_checks(cfg, false, false).await
+}
+
+async fn prepare_checks(
+    cfg: &Config,
+    null_sink: bool,
+    slot_must_be_free: bool,
+) -> Result<Prepared, RunError> {
+    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
+        .map_err(|e| RunError::NotReady(e.to_string()))?;
+    let pg = PgClient::connect(&info).await?;
+    pg.check_wal_level().await?;
+    let mapping = Arc::new(compile_mapping(&pg, cfg).await?);
+    let publication = &cfg.postgres.publication;
+    match pg.publication_tables(publication).await? {
+        None => {
+            return Err(RunError::NotReady(format!(
+                "publication {publication} does not exist; run `walgraph setup` first"
+            )))
+        }
+        Some(have) => {
+            let missing: Vec<String> = mapping
+                .table_names()
+                .into_iter()
+                .filter(|t| !have.contains(t))
+                .collect();
+            if !missing.is_empty() {
+                return Err(RunError::NotReady(format!(
+                    "publication {publication} does not include {}; run `walgraph setup` to add them",
+                    missing.join(", ")
+                )));
+            }
+        }
+    }
+    let slot = &cfg.postgres.slot;
+    match pg.slot(slot).await? {
+        None => {
+            return Err(RunError::NotReady(format!(
+                "replication slot {slot} does not exist; run `walgraph setup` first"
+            )))
+        }
+        Some(s) if s.plugin != "pgoutput" => {
+            return Err(RunError::NotReady(format!(
+                "replication slot {slot} uses the {} plugin, not pgoutput; drop it or choose another postgres.slot",
+                s.plugin
+            )))
+        }
+        Some(s) if s.active && slot_must_be_free => {
+            // A walsender whose client just died lets go within moments;
+            // one that stays is another consumer.
+            let mut held = true;
+            for _ in 0..15 {
+                sleep(Duration::from_secs(1)).await;
+                if !pg.slot(slot).await?.is_some_and(|s| s.active) {
+                    held = false;
+                    break;
+                }
+            }
+            if held {
+                return Err(RunError::NotReady(format!(
+                    "replication slot {slot} is in use by another process (another `walgraph run`?); stop it, or give this one its own postgres.slot"
+                )));
+            }
+        }
+        Some(_) => {}
+    }
+    if null_sink {
+        return Ok(Prepared {
+            info,
+            mapping,
+            sink: None,
+        });
+    }
+    let sink = Sink::connect(&cfg.neo4j, slot).await?;
+    let missing = sink.missing_constraints(&mapping).await?;
+    if !missing.is_empty() {
+        return Err(RunError::NotReady(format!(
+            "Neo4j lacks {}; run `walgraph setup` to create what walgraph needs",
+            missing.join(", ")
+        )));
+    }
+    let sink = Some(sink);
+    Ok(Prepared {
+        info,
+        mapping,
+        sink,
+    })
+}

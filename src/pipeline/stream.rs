@@ -1,0 +1,347 @@
+//! The stream loop: one replication session, from connect until shutdown
+//! or an error — WAL in, transactions assembled and mapped into the batcher,
+//! batches handed to the [writer](super::writer), committed positions back
+//! to Postgres.
+//!
+//! Invariants:
+//! - the flush position sent is the end LSN of the last batch Neo4j
+//!   committed (or the checkpoint read at start), never more;
+//! - transactions at or below the checkpoint are skipped, and of a
+//!   transaction applied in part only the changes after its applied count
+//!   are taken;
+//! - reading stops while the next batch is full and one is in flight, but
+//!   status updates keep going out.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use super::preflight::Prepared;
+use super::replay::ReplayRange;
+use super::writer::{sink_task, SinkEvent};
+use super::RunError;
+use crate::batch::{Batch, Batcher};
+use crate::config::Config;
+use crate::lsn::{Checkpoint, Lsn};
+use crate::mapping::map::Mapper;
+use crate::mapping::Mapping;
+use crate::metrics::Metrics;
+use crate::shutdown::{self, Shutdown};
+use crate::source::{ReplicationEvent, ReplicationStream, SourceError, StartOptions};
+use crate::transactions::{Assembler, TxnPart, PARTS_PER_TURN};
+
+/// How often the checkpoint may follow the WAL end while idle.
+const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// One replication session: from connect until shutdown or an error.
+pub(super) async fn stream_once(
+    cfg: &Config,
+    p: &Prepared,
+    shutdown: &mut Shutdown,
+    metrics: &Arc<Metrics>,
+    replay: Option<ReplayRange>,
+) -> Result<(), RunError> {
+    let checkpoint = match (&p.sink, replay) {
+        (_, Some(r)) => Checkpoint::at(r.from),
+        (Some(sink), None) => sink.read_checkpoint().await?.unwrap_or_default(),
+        (None, None) => Checkpoint::default(),
+    };
+    // What Postgres is told: nothing during a replay (the slot stays where
+    // it is), else the checkpoint less the replay window.
+    let window = cfg.postgres.replay_window_mib.saturating_mul(1 << 20);
+    let report = |flushed: Lsn| match replay {
+        Some(_) => Lsn::ZERO,
+        None => Lsn::new(flushed.raw().saturating_sub(window)),
+    };
+    let limit = replay.map(|r| r.to);
+    let mut past_end = false;
+    let mut stream = ReplicationStream::connect(&p.info).await?;
+    let system = stream.identify_system().await?;
+    let proto_version = stream
+        .negotiate_proto_version(cfg.postgres.proto_version)
+        .await?;
+    tracing::info!(checkpoint = %checkpoint, server_wal = %system.xlogpos, slot = %cfg.postgres.slot, proto_version, "starting replication");
+    stream
+        .start(&StartOptions {
+            slot: cfg.postgres.slot.clone(),
+            publications: vec![cfg.postgres.publication.clone()],
+            start: checkpoint.lsn,
+            proto_version,
+            messages: false,
+            streaming: cfg.postgres.streaming,
+            // Prepared transactions arrive as ordinary ones at COMMIT
+            // PREPARED: applying at commit is all walgraph needs, and it
+            // leaves nothing held across a restart.
+            two_phase: false,
+        })
+        .await?;
+    metrics.ready.store(true, Ordering::Relaxed);
+    metrics
+        .flushed_lsn
+        .store(checkpoint.lsn.raw(), Ordering::Relaxed);
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
+    let sink_handle = tokio::spawn(sink_task(
+        p.sink.clone(),
+        Arc::clone(&p.mapping),
+        Arc::clone(metrics),
+        cfg.neo4j.on_error,
+        batch_rx,
+        event_tx,
+    ));
+    let _abort_sink = AbortOnDrop(sink_handle);
+
+    let mapper = Mapper::new(Arc::clone(&p.mapping));
+    let mut assembler = Assembler::with_spill(cfg.postgres.spill());
+    let mut batcher = Batcher::new();
+    let mut flushed = checkpoint.lsn;
+    let mut open: Option<OpenTxn> = None;
+    let mut wal_start = Lsn::ZERO;
+    let mut in_flight: Option<Lsn> = None;
+    let mut deadline: Option<Instant> = None;
+    let mut server_wal_end = Lsn::ZERO;
+    let mut last_idle_advance = Instant::now();
+    let mut status = tokio::time::interval(stream.status_interval());
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_changes = cfg.batch.max_changes;
+    let mut applied_changes: u64 = 0;
+    let mut last_report = Instant::now();
+
+    let result: Result<(), RunError> = loop {
+        let pending = assembler.has_parts();
+        let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
+        let can_take = pending && batcher.changes() < max_changes;
+        let can_dispatch = in_flight.is_none() && !batcher.is_empty();
+        tokio::select! {
+            biased;
+            // 1. Shutdown: stop reading; the in-flight batch is awaited below.
+            _ = shutdown::requested(shutdown) => break Ok(()),
+            // 2. A batch committed (or failed for good): confirm its end LSN.
+            ev = event_rx.recv() => match ev {
+                Some(SinkEvent::Committed(b)) => {
+                    debug_assert!(b.end_lsn >= flushed, "commits arrive in order");
+                    flushed = flushed.max(b.end_lsn);
+                    in_flight = None;
+                    applied_changes += b.changes as u64;
+                    metrics.changes.fetch_add(b.changes as u64, Ordering::Relaxed);
+                    metrics.transactions.fetch_add(b.transactions as u64, Ordering::Relaxed);
+                    metrics.batches.fetch_add(1, Ordering::Relaxed);
+                    metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
+                    metrics.record_commits(&b.commits);
+                    tracing::debug!(checkpoint = %b.checkpoint(), changes = b.changes, transactions = b.transactions, "batch committed");
+                    stream.send_status(report(flushed), false).await?;
+                }
+                Some(SinkEvent::Failed(e)) => break Err(e.into()),
+                None => break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into())),
+            },
+            // 3. Regular status (even while a huge transaction is taken
+            //    apart), and the idle checkpoint advance.
+            _ = status.tick() => {
+                stream.send_status(report(flushed), false).await?;
+                let idle = replay.is_none() && assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
+                if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
+                    last_idle_advance = Instant::now();
+                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0, commits: Vec::new() };
+                    in_flight = Some(b.end_lsn);
+                    if batch_tx.send(b).await.is_err() {
+                        break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_secs(10) && applied_changes > 0 {
+                    tracing::info!(changes = applied_changes, flushed = %flushed, "applied");
+                    applied_changes = 0;
+                    last_report = Instant::now();
+                }
+            }
+            // 4. The batch is due: hand it to the sink.
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
+                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                deadline = None;
+            }
+            // 5. Parts of a committed transaction, until the batch is full;
+            //    a transaction larger than a batch continues in the next.
+            _ = std::future::ready(()), if can_take => {
+                for _ in 0..PARTS_PER_TURN {
+                    if batcher.changes() >= max_changes {
+                        break;
+                    }
+                    let part = assembler.next_part().map_err(|source| RunError::Stream { lsn: wal_start, source })?;
+                    let Some(part) = part else { break };
+                    let was_empty = batcher.is_empty();
+                    if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher)? {
+                        past_end = true;
+                        break;
+                    }
+                    if was_empty && !batcher.is_empty() {
+                        deadline = Some(Instant::now() + cfg.batch.max_delay);
+                    }
+                }
+            }
+            // 6. WAL from the server.
+            ev = stream.next_event(), if can_read => match ev? {
+                ReplicationEvent::XLogData { wal_start: start, wal_end, data } => {
+                    wal_start = start;
+                    server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
+                    assembler.push(&data).map_err(|source| RunError::Stream { lsn: start, source })?;
+                }
+                ReplicationEvent::Keepalive { wal_end, reply_requested } => {
+                    server_wal_end = server_wal_end.max(wal_end);
+                    metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
+                    // A replay whose end the server has decoded past, with
+                    // everything it sent taken: nothing more is coming.
+                    if limit.is_some_and(|to| wal_end >= to) && assembler.is_idle() && open.is_none() {
+                        past_end = true;
+                    }
+                    if reply_requested {
+                        stream.send_status(report(flushed), false).await?;
+                    }
+                }
+                ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
+            },
+        }
+        if past_end {
+            break Ok(());
+        }
+        // A full batch waits for the sink; send it as soon as it is free.
+        if in_flight.is_none() && batcher.changes() >= max_changes {
+            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+            deadline = None;
+        }
+    };
+
+    if past_end && result.is_ok() {
+        // A replay that reached its end: write what is left, and wait.
+        if in_flight.is_some() {
+            await_commit(&mut event_rx, metrics).await?;
+            in_flight = None;
+        }
+        if !batcher.is_empty() {
+            dispatch(&mut batcher, &p.mapping, &batch_tx).await?;
+            await_commit(&mut event_rx, metrics).await?;
+        }
+    }
+    // Let the in-flight batch finish (briefly), then confirm what committed.
+    drop(batch_tx);
+    if in_flight.is_some() {
+        let wait = tokio::time::timeout(Duration::from_secs(10), event_rx.recv()).await;
+        if let Ok(Some(SinkEvent::Committed(b))) = wait {
+            flushed = flushed.max(b.end_lsn);
+        }
+    }
+    if result.is_ok() {
+        stream.finish(report(flushed)).await?;
+        tracing::info!(flushed = %flushed, "stopped");
+    }
+    result
+}
+
+/// The transaction whose parts are being taken.
+struct OpenTxn {
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    /// How many leading changes are already in the graph (`None`: all).
+    applied: Option<u64>,
+    /// Changes seen so far.
+    index: u64,
+}
+
+/// Maps one part of a transaction into the batcher, skipping what the
+/// checkpoint says is applied already.
+fn take_part(
+    part: TxnPart,
+    checkpoint: &Checkpoint,
+    limit: Option<Lsn>,
+    open: &mut Option<OpenTxn>,
+    mapper: &Mapper,
+    batcher: &mut Batcher,
+) -> Result<bool, RunError> {
+    match part {
+        TxnPart::Begin(h) if limit.is_some_and(|to| h.end_lsn > to) => return Ok(true),
+        TxnPart::Begin(h) => {
+            let applied = checkpoint.applied_changes(h.end_lsn);
+            match applied {
+                None => {
+                    tracing::debug!(end_lsn = %h.end_lsn, "skipping a transaction already applied")
+                }
+                Some(n) if n > 0 => {
+                    tracing::info!(end_lsn = %h.end_lsn, applied = n, "resuming a transaction applied in part")
+                }
+                Some(_) => {}
+            }
+            *open = Some(OpenTxn {
+                commit_lsn: h.commit_lsn,
+                end_lsn: h.end_lsn,
+                applied,
+                index: 0,
+            });
+        }
+        TxnPart::Change(c) => {
+            let t = open.as_mut().ok_or_else(|| {
+                RunError::NotReady("a change arrived outside a transaction".into())
+            })?;
+            t.index += 1;
+            if t.applied.is_none_or(|n| t.index <= n) {
+                return Ok(false);
+            }
+            let mut ops = Vec::new();
+            mapper.map_change(&c, t.commit_lsn, &mut ops)?;
+            batcher.push_partial(ops, t.end_lsn, t.index);
+        }
+        TxnPart::Message(_) => {}
+        TxnPart::Commit(h) => {
+            if let Some(t) = open.take() {
+                if let Some(applied) = t.applied {
+                    batcher.record_commit(h.commit_time, t.index.saturating_sub(applied));
+                    batcher.end_transaction(h.end_lsn);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Waits for the writer to commit the batch in flight (end of a replay).
+async fn await_commit(
+    events: &mut mpsc::Receiver<SinkEvent>,
+    metrics: &Metrics,
+) -> Result<(), RunError> {
+    match events.recv().await {
+        Some(SinkEvent::Committed(b)) => {
+            metrics
+                .changes
+                .fetch_add(b.changes as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Some(SinkEvent::Failed(e)) => Err(e.into()),
+        None => Err(RunError::NotReady(
+            "the Neo4j writer stopped unexpectedly".into(),
+        )),
+    }
+}
+
+async fn dispatch(
+    batcher: &mut Batcher,
+    mapping: &Mapping,
+    tx: &mpsc::Sender<Batch>,
+) -> Result<Lsn, RunError> {
+    let batch = batcher.take(mapping);
+    let end = batch.end_lsn;
+    tx.send(batch)
+        .await
+        .map_err(|_| RunError::NotReady("the Neo4j writer stopped unexpectedly".into()))?;
+    Ok(end)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

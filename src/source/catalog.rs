@@ -1,0 +1,353 @@
+//! Catalog: what the source database says about itself — tables, keys,
+//! replica identity, `wal_level`, the publication and the slot — read over a
+//! regular (non-replication) connection.
+//!
+//! Invariant: it only reads, except the few calls named for what they
+//! create or drop (publication, slot), each idempotent.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use super::sql::{quote_ident, quote_qualified};
+use super::{ConnInfo, SourceError};
+use crate::lsn::Lsn;
+
+/// What the catalog says about one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Column names in order.
+    pub columns: Vec<String>,
+    /// Primary key columns (empty without one).
+    pub primary_key: Vec<String>,
+    /// Column sets of unique constraints and unique indexes (including the primary key).
+    pub unique: Vec<Vec<String>>,
+    /// `relreplident` as a character.
+    pub replica_identity: char,
+}
+
+/// Tables by schema-qualified name.
+pub type Catalog = HashMap<String, TableInfo>;
+
+/// A regular SQL connection to the source database.
+pub struct PgClient {
+    client: Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why talking to the catalog failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// Could not connect.
+    #[error("cannot connect to Postgres at {target}: {message}")]
+    Connect {
+        /// The target, without the password.
+        target: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A query failed.
+    #[error("Postgres said: {0}")]
+    Query(String),
+    /// The database is not set up the way walgraph needs.
+    #[error("{0}")]
+    NotReady(String),
+}
+
+impl CatalogError {
+    /// Whether retrying later may succeed (the server was unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CatalogError::Connect { message, .. } if !message.contains("password") && !message.contains("does not exist"))
+    }
+}
+
+fn db_error(e: tokio_postgres::Error) -> CatalogError {
+    match e.as_db_error() {
+        Some(d) => CatalogError::Query(match d.hint() {
+            Some(h) => format!("{} (hint: {h})", d.message()),
+            None => d.message().to_string(),
+        }),
+        None => CatalogError::Query(e.to_string()),
+    }
+}
+
+impl From<CatalogError> for SourceError {
+    fn from(e: CatalogError) -> Self {
+        SourceError::Definite(e.to_string())
+    }
+}
+
+/// The state of a replication slot.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// The output plugin.
+    pub plugin: String,
+    /// A walsender is using it.
+    pub active: bool,
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// `restart_lsn`.
+    pub restart_lsn: Option<Lsn>,
+}
+
+impl PgClient {
+    /// Connects.
+    pub async fn connect(info: &ConnInfo) -> Result<PgClient, CatalogError> {
+        let tls = info.tls_config().map_err(|e| CatalogError::Connect {
+            target: info.to_string(),
+            message: e.0,
+        })?;
+        let (client, conn) = info
+            .to_tokio_config()
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+            .await
+            .map_err(|e| CatalogError::Connect {
+                target: info.to_string(),
+                message: match e.as_db_error() {
+                    Some(d) => d.message().to_string(),
+                    None => {
+                        let mut m = e.to_string();
+                        let mut src = std::error::Error::source(&e);
+                        while let Some(s) = src {
+                            m = format!("{m}: {s}");
+                            src = s.source();
+                        }
+                        m
+                    }
+                },
+            })?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "catalog connection ended");
+            }
+        });
+        Ok(PgClient { client, task })
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Fails unless `wal_level` is `logical`.
+    pub async fn check_wal_level(&self) -> Result<(), CatalogError> {
+        let row = self
+            .client
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(db_error)?;
+        let level: String = row.get(0);
+        if level != "logical" {
+            return Err(CatalogError::NotReady(format!(
+                "Postgres has wal_level = {level}, but logical replication needs logical: set wal_level = logical in postgresql.conf and restart Postgres"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads columns, keys and replica identity of the given tables
+    /// (schema-qualified); tables that do not exist are left out.
+    pub async fn catalog(&self, tables: &[String]) -> Result<Catalog, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname || '.' || c.relname AS t, c.oid, c.relreplident::text,
+                        array(SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                              ORDER BY a.attnum) AS cols
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY($1)",
+                &[&tables],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut catalog = HashMap::new();
+        for row in rows {
+            let name: String = row.get(0);
+            let oid: u32 = row.get(1);
+            let ident: String = row.get(2);
+            let columns: Vec<String> = row.get(3);
+            let idx = self
+                .client
+                .query(
+                    "SELECT i.indisprimary,
+                            array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+                                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                                  ORDER BY k.ord) AS cols
+                     FROM pg_index i
+                     WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+                    &[&oid],
+                )
+                .await
+                .map_err(db_error)?;
+            let mut info = TableInfo {
+                columns,
+                replica_identity: ident.chars().next().unwrap_or('d'),
+                ..TableInfo::default()
+            };
+            for r in idx {
+                let primary: bool = r.get(0);
+                let cols: Vec<String> = r.get(1);
+                if primary {
+                    info.primary_key = cols.clone();
+                }
+                info.unique.push(cols);
+            }
+            catalog.insert(name, info);
+        }
+        Ok(catalog)
+    }
+
+    /// The tables in a publication, or `None` if it does not exist.
+    pub async fn publication_tables(
+        &self,
+        publication: &str,
+    ) -> Result<Option<Vec<String>>, CatalogError> {
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(db_error)?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+                &[&publication],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+    }
+
+    /// The state of a slot, or `None` if it does not exist in this database.
+    pub async fn slot(&self, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin, active, confirmed_flush_lsn::text, restart_lsn::text
+                 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                &[&slot],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| {
+            let lsn = |i: usize| r.get::<_, Option<String>>(i).and_then(|s| s.parse().ok());
+            SlotInfo {
+                plugin: r.get::<_, Option<String>>(0).unwrap_or_default(),
+                active: r.get(1),
+                confirmed_flush_lsn: lsn(2),
+                restart_lsn: lsn(3),
+            }
+        }))
+    }
+
+    /// Creates the publication for `tables`, or adds missing tables to it.
+    /// Returns what was done.
+    pub async fn ensure_publication(
+        &self,
+        publication: &str,
+        tables: &[String],
+    ) -> Result<String, CatalogError> {
+        let quoted: Vec<String> = tables.iter().map(|t| quote_qualified(t)).collect();
+        match self.publication_tables(publication).await? {
+            None => {
+                self.client
+                    .batch_execute(&format!(
+                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                        quote_ident(publication),
+                        quoted.join(", ")
+                    ))
+                    .await
+                    .map_err(db_error)?;
+                Ok(format!(
+                    "created publication {publication} for {}",
+                    tables.join(", ")
+                ))
+            }
+            Some(have) => {
+                let missing: Vec<&String> = tables.iter().filter(|t| !have.contains(t)).collect();
+                if missing.is_empty() {
+                    return Ok(format!(
+                        "publication {publication} already covers every mapped table"
+                    ));
+                }
+                let q: Vec<String> = missing.iter().map(|t| quote_qualified(t)).collect();
+                self.client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        quote_ident(publication),
+                        q.join(", ")
+                    ))
+                    .await
+                    .map_err(db_error)?;
+                Ok(format!(
+                    "added {} to publication {publication}",
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        }
+    }
+
+    /// Creates the logical slot with `pgoutput`, unless it exists.
+    pub async fn ensure_slot(&self, slot: &str) -> Result<String, CatalogError> {
+        if let Some(s) = self.slot(slot).await? {
+            if s.plugin != "pgoutput" {
+                return Err(CatalogError::NotReady(format!(
+                    "replication slot {slot} exists but uses the {} plugin; drop it or choose another postgres.slot",
+                    s.plugin
+                )));
+            }
+            return Ok(format!("replication slot {slot} already exists"));
+        }
+        let row = self
+            .client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .map_err(db_error)?;
+        let lsn: String = row.get(0);
+        Ok(format!("created replication slot {slot} at {lsn}"))
+    }
+
+    /// Drops the slot if it exists.
+    pub async fn drop_slot(&self, slot: &str) -> Result<bool, CatalogError> {
+        if self.slot(slot).await?.is_none() {
+            return Ok(false);
+        }
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(db_error)?;
+        Ok(true)
+    }
+
+    /// Drops the publication if it exists.
+    pub async fn drop_publication(&self, publication: &str) -> Result<bool, CatalogError> {
+        if self.publication_tables(publication).await?.is_none() {
+            return Ok(false);
+        }
+        self.client
+            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(publication)))
+            .await
+            .map_err(db_error)?;
+        Ok(true)
+    }
+}
