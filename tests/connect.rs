@@ -5,21 +5,7 @@ use std::process::Command;
 
 use walgraph::source::{ConnInfo, ReplicationStream};
 
-use crate::support::{env, Fixture, SERVICES};
-
-/// The test URL with another role (and password, if given).
-fn url_as(role: &str, password: Option<&str>) -> String {
-    let mut info = ConnInfo::parse(&env().pg_url).expect("test url");
-    info.user = role.to_string();
-    let pw = match password {
-        Some(p) => format!(":{p}"),
-        None => String::new(),
-    };
-    format!(
-        "postgres://{role}{pw}@{}:{}/{}",
-        info.host, info.port, info.dbname
-    )
-}
+use crate::support::{env, url_as, Fixture, SERVICES};
 
 fn test_password() -> String {
     let info = ConnInfo::parse(&env().pg_url).expect("test url");
@@ -39,7 +25,7 @@ async fn scram_md5_cleartext_and_trust_logins_all_replicate() {
         ("walgraph_plain", Some(pw.as_str())),
         ("walgraph_trust", None),
     ] {
-        let info = ConnInfo::parse(&url_as(role, password)).expect("url");
+        let info = ConnInfo::parse(&url_as(&env().pg_url, role, password)).expect("url");
         let mut stream = ReplicationStream::connect(&info)
             .await
             .unwrap_or_else(|e| panic!("{role} cannot connect: {e}"));
@@ -55,7 +41,8 @@ async fn scram_md5_cleartext_and_trust_logins_all_replicate() {
 async fn a_wrong_password_is_reported_as_postgres_said_it() {
     let _shared = SERVICES.read().await;
     for role in ["walgraph", "walgraph_md5", "walgraph_plain"] {
-        let info = ConnInfo::parse(&url_as(role, Some("not-the-password"))).expect("url");
+        let info =
+            ConnInfo::parse(&url_as(&env().pg_url, role, Some("not-the-password"))).expect("url");
         let err = ReplicationStream::connect(&info)
             .await
             .err()
@@ -191,7 +178,10 @@ async fn bad_input_gets_one_sentence_and_a_non_zero_exit() {
         (
             "wrong Postgres password",
             vec!["--config", &good, "setup"],
-            with(&[("WALGRAPH_PG_URL", &url_as("walgraph", Some("wrong")))]),
+            with(&[(
+                "WALGRAPH_PG_URL",
+                &url_as(&env().pg_url, "walgraph", Some("wrong")),
+            )]),
             "password authentication failed",
         ),
         (
@@ -392,7 +382,7 @@ async fn run_works_as_the_least_privilege_role_from_sql() {
         "not a superuser, may replicate"
     );
 
-    fx.config.postgres.url = Some(url_as(&role, Some(&password)));
+    fx.config.postgres.url = Some(url_as(&env().pg_url, &role, Some(&password)));
     let run = fx.start();
     fx.sql("INSERT INTO {s}.items VALUES (1, 'x')").await;
     crate::support::eventually(

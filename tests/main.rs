@@ -12,6 +12,7 @@ mod chaos;
 mod connect;
 mod decoding;
 mod end_to_end;
+mod exactness;
 mod large;
 mod layout;
 mod oracle;

@@ -34,7 +34,7 @@ use crate::pipeline;
 use crate::pipeline::copy::{begin_exported_snapshot, describe_table, read_chunk};
 use crate::sink::snapshot_state::{progress_query, read_state, SnapshotState};
 use crate::source::catalog::PgClient;
-use crate::source::sql::{quote_qualified, TEXT_FORMATS};
+use crate::source::sql::quote_qualified;
 
 /// How to take the snapshot.
 #[derive(Debug, Clone)]
@@ -118,7 +118,6 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     let temp_slot = format!("walgraph_snapshot_{}", std::process::id());
     let reader = PgClient::connect(&prepared.info).await?;
     let c = reader.client();
-    c.batch_execute(TEXT_FORMATS).await?;
 
     let tables = table_order(&prepared.mapping);
     let catalog = reader.catalog(&tables).await?;

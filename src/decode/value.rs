@@ -3,7 +3,7 @@
 //! pgoutput sends values in their text output form. The replication session
 //! fixes the styles that shape that form (`DateStyle=ISO`, `TimeZone=UTC`,
 //! `IntervalStyle=iso_8601`, `extra_float_digits=3`, `bytea_output=hex`; see
-//! [`crate::source`]), so the text can be read back exactly. A text that does
+//! [`crate::source::sql::OUTPUT_STYLES`]), so the text can be read back exactly. A text that does
 //! not parse as its type claims is kept as [`Value::Text`]: nothing is lost.
 //!
 //! Invariant: every text decodes to some [`Value`]; none is lost or panics.

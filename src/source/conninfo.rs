@@ -227,6 +227,7 @@ impl ConnInfo {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
+            .options(super::sql::output_style_options())
             .connect_timeout(std::time::Duration::from_secs(10));
         if let Some(p) = &self.password {
             c.password(p.expose());

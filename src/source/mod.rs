@@ -171,16 +171,6 @@ pub enum ReplicationEvent {
     End,
 }
 
-/// The startup parameters that pin value output styles.
-const SESSION_STYLES: [(&str, &str); 6] = [
-    ("replication", "database"),
-    ("DateStyle", "ISO"),
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "iso_8601"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-];
-
 /// A replication connection, before and during streaming.
 pub struct ReplicationStream {
     wire: Wire,
@@ -192,7 +182,9 @@ pub struct ReplicationStream {
 impl ReplicationStream {
     /// Connects in `replication=database` mode.
     pub async fn connect(info: &ConnInfo) -> Result<Self, SourceError> {
-        let wire = Wire::connect(info, &SESSION_STYLES).await?;
+        let mut params = vec![("replication", "database")];
+        params.extend(sql::OUTPUT_STYLES);
+        let wire = Wire::connect(info, &params).await?;
         let mut s = ReplicationStream {
             wire,
             streaming: false,

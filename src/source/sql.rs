@@ -4,10 +4,27 @@
 //! Invariant: names are always quoted and values always escaped here (or
 //! sent as parameters); no other module builds SQL from raw names.
 
-/// Output formats the decoder reads values in (as the replication
-/// connection sets them), for the current transaction.
-pub const TEXT_FORMATS: &str = "SET LOCAL DateStyle = ISO; SET LOCAL TimeZone = 'UTC'; \
-     SET LOCAL IntervalStyle = iso_8601; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = hex;";
+/// The settings that pin the text form of values to what the decoder reads
+/// (ISO dates, UTC, ISO 8601 intervals, exact floats, hex bytea). Every
+/// connection walgraph opens sets them at startup — the replication
+/// connection as startup parameters, SQL connections in `options` — so the
+/// server's, database's or role's own defaults never reach the decoder.
+pub const OUTPUT_STYLES: [(&str, &str); 5] = [
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// [`OUTPUT_STYLES`] as a startup `options` value: `-c name=value …`.
+pub fn output_style_options() -> String {
+    OUTPUT_STYLES
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// Double-quotes an identifier.
 pub fn quote_ident(s: &str) -> String {

@@ -57,6 +57,16 @@ pub fn env() -> Env {
     }
 }
 
+/// The connection URL `base` with another role (and its password).
+pub fn url_as(base: &str, role: &str, password: Option<&str>) -> String {
+    let info = walgraph::source::ConnInfo::parse(base).expect("test url");
+    let pw = password.map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "postgres://{role}{pw}@{}:{}/{}",
+        info.host, info.port, info.dbname
+    )
+}
+
 /// A regular Postgres client.
 pub async fn pg(env: &Env) -> Client {
     let (client, conn) = tokio_postgres::connect(&env.pg_url, NoTls)

@@ -30,7 +30,7 @@ use crate::pipeline;
 use crate::pipeline::copy::{describe_table, read_chunk, Table};
 use crate::sink::Sink;
 use crate::source::catalog::PgClient;
-use crate::source::sql::{quote_qualified, TEXT_FORMATS};
+use crate::source::sql::quote_qualified;
 use edges::reconcile_edges;
 use nodes::reconcile_nodes;
 
@@ -181,10 +181,8 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
         .await?
         .get::<_, String>(0)
         .parse()?;
-    c.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {TEXT_FORMATS}"
-    ))
-    .await?;
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
     let catalog = pg.catalog(&tables).await?;
     let mapper = Mapper::new(Arc::clone(&mapping));
     let cx = Ctx {

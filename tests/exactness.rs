@@ -1,0 +1,109 @@
+//! Exactness in the ordinary life of a database: server settings other than
+//! the defaults, and the other cases a careful reader finds (issue 10).
+
+use std::time::Duration;
+
+use walgraph::commands::reconcile::{reconcile, ReconcileOptions};
+use walgraph::commands::snapshot::{snapshot, SnapshotOptions};
+
+use crate::support::{eventually, url_as, Fixture, SERVICES};
+
+/// A superuser whose sessions default to other output formats than walgraph
+/// reads: as if the database had been configured so.
+async fn role_with_other_formats(fx: &Fixture) -> (String, String) {
+    let role = format!("wgt_fmt_{}", fx.id);
+    let password: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
+    fx.pg
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN SUPERUSER REPLICATION PASSWORD '{password}';
+             ALTER ROLE {role} SET timezone = 'Europe/Berlin';
+             ALTER ROLE {role} SET DateStyle = 'German';
+             ALTER ROLE {role} SET IntervalStyle = 'sql_standard';"
+        ))
+        .await
+        .expect("create the role");
+    (role, password)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_under_other_server_formats_stores_what_streaming_stores() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(
+        "CREATE TABLE {s}.events (id int PRIMARY KEY, at timestamptz, day date, local timestamp,
+                                  dur interval, clock time, amount numeric, ratio float8);
+         INSERT INTO {s}.events VALUES
+           (1, '2026-03-29 01:30:00+00', '2026-12-24', '2026-12-24 18:00:00', '1 day 02:03:04.5',
+            '23:59:59', 12.50, 0.1);",
+        "[[node]]\ntable = \"{s}.events\"\nlabel = \"{p}Event\"\n",
+    )
+    .await;
+    let (role, password) = role_with_other_formats(&fx).await;
+    fx.config.postgres.url = Some(url_as(&fx.env.pg_url, &role, Some(&password)));
+    fx.setup().await;
+    snapshot(
+        &fx.config,
+        &SnapshotOptions {
+            chunk_rows: 100,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .expect("snapshot");
+    let run = fx.start();
+    // The same values again, streamed.
+    fx.sql(
+        "INSERT INTO {s}.events SELECT 2, at, day, local, dur, clock, amount, ratio
+           FROM {s}.events WHERE id = 1",
+    )
+    .await;
+    let q = "MATCH (n:{p}Event) RETURN n.id AS id, \
+             [k IN ['at', 'day', 'local', 'dur', 'clock', 'amount', 'ratio'] | \
+              [k, valueType(n[k]), toString(n[k])]] AS props ORDER BY id";
+    let rows = eventually(Duration::from_secs(30), "the streamed row", || async {
+        let rows = fx.cypher(q).await;
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        rows[0]["props"], rows[1]["props"],
+        "the copied row (id 1) and the streamed one (id 2) hold the same values and types"
+    );
+    let type_of = |i: usize| rows[0]["props"][i][1].as_str().unwrap_or("").to_string();
+    assert!(
+        type_of(0).starts_with("ZONED DATETIME"),
+        "an instant, not text: {}",
+        rows[0]
+    );
+    assert!(
+        type_of(1).starts_with("DATE"),
+        "a date, not text: {}",
+        rows[0]
+    );
+    assert!(
+        type_of(3).starts_with("DURATION"),
+        "an interval is a duration: {}",
+        rows[0]
+    );
+    let reports = reconcile(
+        &fx.config,
+        &ReconcileOptions {
+            table: None,
+            repair: false,
+            chunk_rows: 100,
+            progress_bar: false,
+        },
+    )
+    .await
+    .expect("reconcile");
+    assert!(
+        reports.iter().all(|r| !r.differs()),
+        "reconcile right after the snapshot finds nothing: {reports:?}"
+    );
+    let pg = crate::support::pg(&fx.env).await;
+    fx.cleanup().await;
+    let _ = pg
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await;
+}
