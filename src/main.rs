@@ -1,6 +1,7 @@
 //! The `walgraph` binary: parses the command line, sets up logging and hands
 //! over to the library. Errors print as one sentence and exit non-zero.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("info,neo4rs=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never in a file or pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -107,3 +107,38 @@ async fn a_snapshot_under_other_server_formats_stores_what_streaming_stores() {
         .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let config = fx.config_file(
+        "log.toml",
+        "",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args(["--config", &config.to_string_lossy(), "status"])
+        .envs(fx.env.vars())
+        .env("WALGRAPH_LOG", "debug")
+        .output()
+        .await
+        .expect("walgraph status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status failed: {stderr}");
+    assert!(
+        stderr.contains("DEBUG"),
+        "debug log lines were written: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no terminal escape codes in a log written to a pipe: {:?}",
+        stderr.lines().next()
+    );
+    fx.cleanup().await;
+}
