@@ -151,9 +151,9 @@ pub enum AssembleError {
     #[error("the replication stream is out of order: {0}")]
     OutOfOrder(String),
     /// The spill file of a streamed transaction failed.
-    #[error("cannot spill a streamed transaction to {path}: {source}; check stream.spill_dir and free disk space")]
+    #[error("cannot spill a streamed transaction into {path}: {source}; check postgres.spill_dir and free disk space")]
     Spill {
-        /// The spill file.
+        /// The spill directory.
         path: PathBuf,
         /// Why.
         #[source]

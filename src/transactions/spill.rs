@@ -1,8 +1,9 @@
 //! Spill: the raw messages of a streamed transaction kept until its
 //! commit — in memory up to `postgres.stream_memory_mib`, then in a file.
 //!
-//! Invariant: a spill file is removed when its transaction is read back,
-//! aborted or dropped; messages come back once, in the order pushed.
+//! Invariant: a spill file has no name in the directory from the moment it
+//! is created, so it cannot outlive the process (not even a SIGKILL);
+//! messages come back once, in the order pushed.
 
 use std::collections::HashSet;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -20,6 +21,7 @@ pub(super) struct StreamBuffer {
     pub(super) xid: Xid,
     memory: Vec<Bytes>,
     memory_bytes: usize,
+    /// The spill directory (for messages) and the unnamed file in it.
     spill: Option<(PathBuf, BufWriter<std::fs::File>)>,
     /// Subtransactions that aborted; their messages are skipped at replay.
     pub(super) aborted: HashSet<Xid>,
@@ -42,22 +44,15 @@ impl StreamBuffer {
         settings: &SpillSettings,
     ) -> Result<(), AssembleError> {
         if self.spill.is_none() && self.memory_bytes + msg.len() > settings.memory_limit {
-            let path = settings.dir.join(format!(
-                "walgraph-stream-{}-{}-{}.spill",
-                std::process::id(),
-                self.xid,
-                fastrand::u32(..)
-            ));
+            // The file has no name from the start (unlinked at creation, or
+            // O_TMPFILE): however walgraph ends, even by SIGKILL, the
+            // kernel frees it, and nothing is left in the directory.
+            let path = settings.dir.clone();
             let spill_err = |source| AssembleError::Spill {
                 path: path.clone(),
                 source,
             };
-            let file = std::fs::OpenOptions::new()
-                .create_new(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(spill_err)?;
+            let file = tempfile::tempfile_in(&path).map_err(spill_err)?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             for m in self.memory.drain(..) {
                 write_record(&mut w, &m).map_err(spill_err)?;
@@ -87,17 +82,8 @@ impl StreamBuffer {
                 path: path.clone(),
                 source,
             };
-            let mut file = match w.into_inner() {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(spill_err(e.into_error()));
-                }
-            };
-            if let Err(e) = file.seek(std::io::SeekFrom::Start(0)) {
-                let _ = std::fs::remove_file(&path);
-                return Err(spill_err(e));
-            }
+            let mut file = w.into_inner().map_err(|e| spill_err(e.into_error()))?;
+            file.seek(std::io::SeekFrom::Start(0)).map_err(spill_err)?;
             return Ok(SpillReader::File {
                 path,
                 reader: BufReader::with_capacity(1 << 20, file),
@@ -109,12 +95,13 @@ impl StreamBuffer {
     }
 }
 
-/// Reads a streamed transaction's messages back; removes its spill file
-/// when dropped.
+/// Reads a streamed transaction's messages back; its spill file, which has
+/// no name, is gone when this is dropped.
 #[derive(Debug)]
 pub(super) enum SpillReader {
     Memory(std::vec::IntoIter<Bytes>),
     File {
+        /// The spill directory, for messages.
         path: PathBuf,
         reader: BufReader<std::fs::File>,
     },
@@ -131,22 +118,6 @@ impl SpillReader {
                     source,
                 })
             }
-        }
-    }
-}
-
-impl Drop for SpillReader {
-    fn drop(&mut self) {
-        if let SpillReader::File { path, .. } = self {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-impl Drop for StreamBuffer {
-    fn drop(&mut self) {
-        if let Some((path, _)) = self.spill.take() {
-            let _ = std::fs::remove_file(path);
         }
     }
 }

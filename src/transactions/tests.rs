@@ -121,6 +121,58 @@ fn streamed_transactions_assemble_in_memory_and_through_a_spill_file() {
 }
 
 #[test]
+fn a_spill_file_has_no_name_while_it_is_written_so_a_kill_cannot_leak_it() {
+    let dir = std::env::temp_dir().join(format!("walgraph-unit-unlinked-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = Assembler::with_spill(SpillSettings {
+        memory_limit: 0,
+        dir: dir.clone(),
+    });
+    for (m, in_stream) in [
+        (
+            PgOutputMessage::StreamStart {
+                xid: 10,
+                first_segment: true,
+            },
+            false,
+        ),
+        (relation(Some(10)), true),
+        (insert(Some(10), 1), true),
+        (insert(Some(10), 2), true),
+        (PgOutputMessage::StreamStop, false),
+    ] {
+        assert!(a
+            .push_raw(&encode_message(&m, in_stream))
+            .unwrap()
+            .is_none());
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the open spill file is already unlinked: a SIGKILL now leaves nothing behind"
+    );
+    let t = a
+        .push_raw(&encode_message(
+            &PgOutputMessage::StreamCommit {
+                xid: 10,
+                flags: 0,
+                commit_lsn: Lsn::new(100),
+                end_lsn: Lsn::new(120),
+                commit_time: 0,
+            },
+            false,
+        ))
+        .unwrap()
+        .expect("the committed transaction");
+    assert_eq!(
+        ids(&t),
+        vec![Field::Value(Value::Int(1)), Field::Value(Value::Int(2))],
+        "read back from the unnamed file"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn an_aborted_stream_leaves_nothing_and_its_schema_is_forgotten() {
     let mut a = Assembler::new();
     for (m, s) in [
