@@ -138,7 +138,7 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
                 &[],
             )
             .await?
-            .get::<_, i64>(0);
+            .try_get::<_, i64>(0)?;
         total += u64::try_from(count).unwrap_or(0);
         described.push(t);
     }

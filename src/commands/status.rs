@@ -119,9 +119,9 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
             &[&cfg.postgres.slot],
         )
         .await?;
-    let server_wal_lsn: Lsn = row.get::<_, String>(0).parse()?;
-    let wal_status: Option<String> = row.get(1);
-    let safe_wal_size: Option<i64> = row.get(2);
+    let server_wal_lsn: Lsn = row.try_get::<_, String>(0)?.parse()?;
+    let wal_status: Option<String> = row.try_get(1)?;
+    let safe_wal_size: Option<i64> = row.try_get(2)?;
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let graph = sink.graph();

@@ -222,7 +222,7 @@ pub async fn read_schema(pg: &PgClient, schema: &str) -> anyhow::Result<Vec<Tabl
         .await?;
     let mut tables = Vec::new();
     for r in rows {
-        let oid: u32 = r.get(0);
+        let oid: u32 = r.try_get(0)?;
         let fks = pg
             .client()
             .query(
@@ -239,10 +239,13 @@ pub async fn read_schema(pg: &PgClient, schema: &str) -> anyhow::Result<Vec<Tabl
             )
             .await?;
         tables.push(TableShape {
-            name: r.get(1),
-            columns: r.get(2),
-            primary_key: r.get(3),
-            foreign_keys: fks.iter().map(|f| (f.get(0), f.get(1), f.get(2))).collect(),
+            name: r.try_get(1)?,
+            columns: r.try_get(2)?,
+            primary_key: r.try_get(3)?,
+            foreign_keys: fks
+                .iter()
+                .map(|f| Ok((f.try_get(0)?, f.try_get(1)?, f.try_get(2)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?,
         });
     }
     Ok(tables)

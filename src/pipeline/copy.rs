@@ -116,28 +116,31 @@ pub async fn describe_table(
     let Some(first) = rows.first() else {
         bail!("{name} has no columns");
     };
-    let oid = u32::try_from(first.get::<_, i64>(4)).unwrap_or(0);
+    let oid = u32::try_from(first.try_get::<_, i64>(4)?).unwrap_or(0);
     let body = RelationBody {
         oid,
-        namespace: first.get(5),
-        name: first.get(6),
+        namespace: first.try_get(5)?,
+        name: first.try_get(6)?,
         replica_identity: b'd',
         columns: rows
             .iter()
             .map(|r| {
-                let col: String = r.get(0);
-                RelationColumn {
+                let col: String = r.try_get(0)?;
+                Ok(RelationColumn {
                     is_key: primary_key.contains(&col),
                     name: col,
-                    type_oid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-                    type_modifier: r.get(2),
-                }
+                    type_oid: u32::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0),
+                    type_modifier: r.try_get(2)?,
+                })
             })
-            .collect(),
+            .collect::<Result<_, tokio_postgres::Error>>()?,
     };
     let mut cache = RelationCache::default();
     let relation = cache.update(&body);
-    let names: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<Result<_, _>>()?;
     if primary_key.is_empty() {
         bail!(
             "{name} has no primary key, which the snapshot needs to copy it in order and resume; add one"
@@ -150,7 +153,7 @@ pub async fn describe_table(
                 .iter()
                 .position(|n| n == k)
                 .ok_or_else(|| anyhow!("the key column {k} of {name} does not exist"))?;
-            Ok((quote_ident(k), pos, rows[pos].get::<_, String>(3)))
+            Ok((quote_ident(k), pos, rows[pos].try_get::<_, String>(3)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Table {

@@ -142,7 +142,7 @@ impl PgClient {
             .query_one("SHOW wal_level", &[])
             .await
             .map_err(db_error)?;
-        let level: String = row.get(0);
+        let level: String = row.try_get(0).map_err(db_error)?;
         if level != "logical" {
             return Err(CatalogError::NotReady(format!(
                 "Postgres has wal_level = {level}, but logical replication needs logical: set wal_level = logical in postgresql.conf and restart Postgres"
@@ -169,10 +169,10 @@ impl PgClient {
             .map_err(db_error)?;
         let mut catalog = HashMap::new();
         for row in rows {
-            let name: String = row.get(0);
-            let oid: u32 = row.get(1);
-            let ident: String = row.get(2);
-            let columns: Vec<String> = row.get(3);
+            let name: String = row.try_get(0).map_err(db_error)?;
+            let oid: u32 = row.try_get(1).map_err(db_error)?;
+            let ident: String = row.try_get(2).map_err(db_error)?;
+            let columns: Vec<String> = row.try_get(3).map_err(db_error)?;
             let idx = self
                 .client
                 .query(
@@ -192,8 +192,8 @@ impl PgClient {
                 ..TableInfo::default()
             };
             for r in idx {
-                let primary: bool = r.get(0);
-                let cols: Vec<String> = r.get(1);
+                let primary: bool = r.try_get(0).map_err(db_error)?;
+                let cols: Vec<String> = r.try_get(1).map_err(db_error)?;
                 if primary {
                     info.primary_key = cols.clone();
                 }
@@ -228,7 +228,12 @@ impl PgClient {
             )
             .await
             .map_err(db_error)?;
-        Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+        Ok(Some(
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(db_error)?,
+        ))
     }
 
     /// The state of a slot, or `None` if it does not exist in this database.
@@ -242,14 +247,19 @@ impl PgClient {
             )
             .await
             .map_err(db_error)?;
-        Ok(row.map(|r| {
-            let lsn = |i: usize| r.get::<_, Option<String>>(i).and_then(|s| s.parse().ok());
-            SlotInfo {
-                plugin: r.get::<_, Option<String>>(0).unwrap_or_default(),
-                active: r.get(1),
-                confirmed_flush_lsn: lsn(2),
-                restart_lsn: lsn(3),
-            }
+        let Some(r) = row else { return Ok(None) };
+        let lsn = |i: usize| -> Result<Option<Lsn>, CatalogError> {
+            let text: Option<String> = r.try_get(i).map_err(db_error)?;
+            Ok(text.and_then(|s| s.parse().ok()))
+        };
+        Ok(Some(SlotInfo {
+            plugin: r
+                .try_get::<_, Option<String>>(0)
+                .map_err(db_error)?
+                .unwrap_or_default(),
+            active: r.try_get(1).map_err(db_error)?,
+            confirmed_flush_lsn: lsn(2)?,
+            restart_lsn: lsn(3)?,
         }))
     }
 
@@ -323,7 +333,7 @@ impl PgClient {
             )
             .await
             .map_err(db_error)?;
-        let lsn: String = row.get(0);
+        let lsn: String = row.try_get(0).map_err(db_error)?;
         Ok(format!("created replication slot {slot} at {lsn}"))
     }
 

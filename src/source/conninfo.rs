@@ -105,14 +105,24 @@ fn take_ssl_params(s: &str) -> (String, Option<String>, Option<String>) {
     (kept.join(" "), mode, root)
 }
 
+/// `%XX` → the byte; anything else, including a `%` before text that is no
+/// two hexadecimal digits, stays as it is.
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
+    let hex = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+        if bytes[i] == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(hi * 16 + lo);
                 i += 3;
                 continue;
             }
@@ -343,5 +353,40 @@ mod tests {
     fn garbage_is_refused_with_a_sentence() {
         let err = ConnInfo::parse_with_env("postgres://[::1", |_| None).unwrap_err();
         assert!(err.to_string().contains("connection string is invalid"));
+    }
+
+    #[test]
+    fn a_percent_before_non_ascii_is_kept_as_it_is() {
+        let root = |url: &str| {
+            ConnInfo::parse_with_env(url, |_| None)
+                .unwrap()
+                .ssl_root_cert
+                .unwrap()
+                .display()
+                .to_string()
+        };
+        assert_eq!(root("postgres://u@h/db?sslrootcert=%aé%€x"), "%aé%€x");
+        assert_eq!(root("postgres://u@h/db?sslrootcert=/c%41%4"), "/cA%4");
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, parsing answers Ok or one sentence, never a panic.
+        #[test]
+        fn any_connection_string_parses_or_is_refused_without_a_panic(
+            s in "(postgres(ql)?://)?([ -~é€@:/?=&'\\[\\]]|%[0-9a-fA-Fé€]{0,2}){0,40}",
+            raw in proptest::collection::vec(proptest::prelude::any::<char>(), 0..40),
+        ) {
+            let raw: String = raw.iter().collect();
+            for text in [
+                s.clone(),
+                raw.clone(),
+                format!("postgres://u:{s}@h/d"),
+                format!("postgres://u@h/d?sslrootcert={s}&sslmode={raw}"),
+            ] {
+                if let Err(e) = ConnInfo::parse_with_env(&text, |_| None) {
+                    proptest::prop_assert!(e.to_string().contains("connection string is invalid"), "{e}");
+                }
+            }
+        }
     }
 }

@@ -196,7 +196,7 @@ impl Bench {
             )
             .await?;
         for row in slots {
-            let name: String = row.get(0);
+            let name: String = row.try_get(0)?;
             c.execute("SELECT pg_drop_replication_slot($1)", &[&name])
                 .await
                 .with_context(|| format!("cannot drop the bench slot {name}"))?;
@@ -305,7 +305,7 @@ impl Bench {
             .client()
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await?;
-        Ok(row.get::<_, String>(0).parse()?)
+        Ok(row.try_get::<_, String>(0)?.parse()?)
     }
 
     async fn measure(&self, mix: [u64; 3]) -> anyhow::Result<Report> {
@@ -464,7 +464,7 @@ impl Bench {
             .client()
             .query_one("SELECT version()", &[])
             .await?
-            .get(0);
+            .try_get(0)?;
         let sink = Sink::connect(&self.cfg.neo4j, "walgraph_bench").await?;
         let mut rows = sink
             .graph()

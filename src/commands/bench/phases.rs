@@ -33,7 +33,7 @@ impl Bench {
             .client()
             .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await?
-            .get(0);
+            .try_get(0)?;
         let proto = match version {
             v if v >= 160_000 => 4,
             v if v >= 150_000 => 3,
@@ -356,7 +356,7 @@ impl Bench {
                 &[],
             )
             .await?;
-        let first: i64 = row.get::<_, i64>(0) + 1;
+        let first: i64 = row.try_get::<_, i64>(0)? + 1;
         let payload = "x".repeat(self.opts.width);
         self.client()
             .batch_execute(&format!(

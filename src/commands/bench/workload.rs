@@ -25,11 +25,14 @@ impl Bench {
                 &[],
             )
             .await?;
-        let mut next_id: i64 = row.get::<_, i64>(0) + 1;
+        let mut next_id: i64 = row.try_get::<_, i64>(0)? + 1;
         let rows = c
             .query(&format!("SELECT id FROM {SCHEMA}.items"), &[])
             .await?;
-        let mut live: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let mut live: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
         let mut rng = fastrand::Rng::with_seed(42 + next_id as u64);
         let mut w = Workload::default();
         let per_txn = opts.changes_per_txn;

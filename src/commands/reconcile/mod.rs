@@ -179,7 +179,7 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     let stamp: Lsn = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
-        .get::<_, String>(0)
+        .try_get::<_, String>(0)?
         .parse()?;
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
@@ -207,7 +207,7 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
                 &[],
             )
             .await?
-            .get(0);
+            .try_get(0)?;
         let passes = mapping.tables[name].node.iter().count()
             + mapping.tables[name]
                 .rels
