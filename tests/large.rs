@@ -118,3 +118,92 @@ async fn a_transaction_larger_than_a_batch_survives_sigkill_in_its_middle_exactl
     let _ = child.wait().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_inside_a_split_transaction_survives_a_second_sigkill() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(DDL, MAPPING).await;
+    fx.setup().await;
+    let config = fx.config_file("resume.toml", "[batch]\nmax_changes = 500\n", MAPPING);
+    let config = config.to_string_lossy().into_owned();
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+
+    // A small transaction first, so the stored checkpoint is not zero.
+    fx.sql("INSERT INTO {s}.items VALUES (0, 0, 0)").await;
+    eventually(Duration::from_secs(60), "the small transaction", || async {
+        let n = fx
+            .cypher("MATCH (i:{p}Item {id: 0}) RETURN count(i) AS n")
+            .await;
+        (n == vec![json!({"n": 1})] && fx.checkpoint().await.is_some()).then_some(())
+    })
+    .await;
+    fx.sql(&format!(
+        "BEGIN;
+         INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series(1, {ROWS}) g ORDER BY g;
+         UPDATE {{s}}.items SET val = id WHERE id % 2 = 0;
+         DELETE FROM {{s}}.items WHERE id % 10 = 3;
+         COMMIT;"
+    ))
+    .await;
+
+    // First kill, during the inserts.
+    let _ = eventually(
+        Duration::from_secs(120),
+        "a checkpoint inside the transaction",
+        || async { fx.checkpoint_partial().await.filter(|(_, n)| *n > 0) },
+    )
+    .await;
+    child.start_kill().expect("SIGKILL");
+    let _ = child.wait().await;
+    let (end, n1) = fx.checkpoint_partial().await.expect("a partial checkpoint");
+    assert!(n1 < 20_000, "killed during the inserts: {n1}");
+
+    // Restart: the checkpoint must move on inside the same transaction.
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+    let _ = eventually(
+        Duration::from_secs(120),
+        "the checkpoint to move inside the resumed transaction",
+        || async {
+            fx.checkpoint_partial()
+                .await
+                .filter(|(e, n)| *e == end && *n > n1 + 1000)
+        },
+    )
+    .await;
+    child.start_kill().expect("SIGKILL");
+    let _ = child.wait().await;
+    let (_, n2) = fx.checkpoint_partial().await.expect("still in part");
+    assert!(fx.confirmed_flush().await < end, "not confirmed in part");
+
+    // Behind walgraph's back: delete a node applied after the first restart.
+    let k = (n1 + 1..=n2.min(ROWS))
+        .find(|i| i % 10 != 3)
+        .expect("an id applied after the restart");
+    let gone = fx
+        .cypher(&format!(
+            "MATCH (i:{{p}}Item {{id: {k}}}) DETACH DELETE i RETURN count(*) AS n"
+        ))
+        .await;
+    assert_eq!(gone, vec![json!({"n": 1})], "row {k} was applied");
+
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+    let want = ROWS - ROWS / 10 + 1 - 1; // with row 0, without row k
+    eventually(
+        Duration::from_secs(180),
+        "the rest of the transaction",
+        || async {
+            let n = fx.cypher("MATCH (i:{p}Item) RETURN count(i) AS n").await;
+            (fx.checkpoint_partial().await.is_none() && n == vec![json!({"n": want})]).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        fx.cypher(&format!("MATCH (i:{{p}}Item {{id: {k}}}) RETURN i"))
+            .await
+            .is_empty(),
+        "row {k}, applied before the second kill, was not applied again"
+    );
+    child.start_kill().expect("stop");
+    let _ = child.wait().await;
+    fx.cleanup().await;
+}

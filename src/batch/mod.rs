@@ -84,6 +84,24 @@ impl Batcher {
         Self::default()
     }
 
+    /// An empty batcher whose batches report at least `lsn`, the end LSN
+    /// the checkpoint already holds: the batches of a transaction resumed in
+    /// part after a restart then carry it, and their checkpoint moves on.
+    pub fn starting_at(lsn: Lsn) -> Self {
+        Batcher {
+            end_lsn: lsn,
+            ..Self::default()
+        }
+    }
+
+    /// While nothing waits: the stream is known to hold nothing for the
+    /// graph up to `lsn` (the idle advance), so the next batch reports at
+    /// least it.
+    pub fn advance_to(&mut self, lsn: Lsn) {
+        debug_assert!(self.is_empty(), "only an idle batcher advances");
+        self.end_lsn = self.end_lsn.max(lsn);
+    }
+
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
         self.transactions == 0 && self.partial.is_none()

@@ -97,7 +97,7 @@ pub(super) async fn stream_once(
 
     let mapper = Mapper::new(Arc::clone(&p.mapping));
     let mut assembler = Assembler::with_spill(cfg.postgres.spill());
-    let mut batcher = Batcher::new();
+    let mut batcher = Batcher::starting_at(checkpoint.lsn);
     let mut flushed = checkpoint.lsn;
     let mut open: Option<OpenTxn> = None;
     let mut wal_start = Lsn::ZERO;
@@ -143,9 +143,10 @@ pub(super) async fn stream_once(
             _ = status.tick() => {
                 stream.send_status(report(flushed), false).await?;
                 let idle = replay.is_none() && assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
-                if idle && server_wal_end > flushed && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
+                if idle && may_advance_idle(&checkpoint, flushed, server_wal_end) && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
-                    let b = Batch { plan: Vec::new(), statements: Vec::new(), end_lsn: server_wal_end, partial: None, changes: 0, transactions: 0, commits: Vec::new() };
+                    batcher.advance_to(server_wal_end);
+                    let b = batcher.take(&p.mapping);
                     in_flight = Some(b.end_lsn);
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
@@ -239,6 +240,15 @@ pub(super) async fn stream_once(
         tracing::info!(flushed = %flushed, "stopped");
     }
     result
+}
+
+/// Whether the idle advance may move the checkpoint to `server_wal_end`
+/// (writing it without a partial): not while the transaction the starting
+/// checkpoint holds in part has not been applied whole in this session, or
+/// the stored count of its applied changes would be lost before Postgres
+/// sends it again.
+fn may_advance_idle(start: &Checkpoint, flushed: Lsn, server_wal_end: Lsn) -> bool {
+    server_wal_end > flushed && start.partial.is_none_or(|p| flushed >= p.end_lsn)
 }
 
 /// The transaction whose parts are being taken.
@@ -343,5 +353,47 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Partial;
+
+    #[test]
+    fn the_idle_advance_waits_for_a_transaction_held_in_part() {
+        let start = Checkpoint {
+            lsn: Lsn::new(100),
+            partial: Some(Partial {
+                end_lsn: Lsn::new(500),
+                changes: 7,
+            }),
+        };
+        assert!(!may_advance_idle(&start, Lsn::new(100), Lsn::new(900)));
+        assert!(may_advance_idle(&start, Lsn::new(500), Lsn::new(900)));
+        assert!(!may_advance_idle(&start, Lsn::new(900), Lsn::new(900)));
+        assert!(may_advance_idle(
+            &Checkpoint::at(Lsn::new(100)),
+            Lsn::new(100),
+            Lsn::new(900)
+        ));
+    }
+
+    #[test]
+    fn a_resumed_transaction_s_batches_carry_the_stored_checkpoint() {
+        let mut b = Batcher::starting_at(Lsn::new(100));
+        b.push_partial(Vec::new(), Lsn::new(500), 3);
+        let batch = b.take(&crate::mapping::tests::demo_mapping());
+        assert_eq!(
+            batch.checkpoint(),
+            Checkpoint {
+                lsn: Lsn::new(100),
+                partial: Some(Partial {
+                    end_lsn: Lsn::new(500),
+                    changes: 3
+                }),
+            }
+        );
     }
 }
