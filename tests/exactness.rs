@@ -142,3 +142,52 @@ async fn logs_written_to_a_pipe_carry_no_colour_codes() {
     );
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_key_changed_twice_in_one_batch_ends_at_the_last_target() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.users (id int PRIMARY KEY);
+         CREATE TABLE {s}.orders (id int PRIMARY KEY, user_id int REFERENCES {s}.users);",
+        r#"
+[[node]]
+table = "{s}.users"
+label = "{p}User"
+[[node]]
+table = "{s}.orders"
+label = "{p}Order"
+[[relationship]]
+table = "{s}.orders"
+type = "{p}PLACED_BY"
+from = { label = "{p}Order", columns = ["id"] }
+to = { label = "{p}User", columns = ["user_id"] }
+"#,
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    // One transaction: the coalesced-away edges (to users 1 and 2) go
+    // through the conditional placeholder statement.
+    fx.sql(
+        "BEGIN;
+         INSERT INTO {s}.users SELECT generate_series(1, 3);
+         INSERT INTO {s}.orders VALUES (1, 1);
+         UPDATE {s}.orders SET user_id = 2 WHERE id = 1;
+         UPDATE {s}.orders SET user_id = 3 WHERE id = 1;
+         COMMIT;",
+    )
+    .await;
+    let rows = eventually(Duration::from_secs(30), "the order's last user", || async {
+        let rows = fx
+            .cypher(
+                "MATCH (o:{p}Order {id: 1})-[:{p}PLACED_BY]->(u:{p}User) \
+                 RETURN u.id AS u, count{(:{p}User)} AS users",
+            )
+            .await;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(rows, vec![serde_json::json!({"u": 3, "users": 3})]);
+    fx.cleanup().await;
+}

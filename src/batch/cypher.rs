@@ -81,6 +81,26 @@ pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     )
 }
 
+/// Create placeholder nodes unless they exist, each only where the guard of
+/// its owner's coalesced-away edge would have let it: the owner exists and
+/// passes the guard, or does not exist and `w` (the batch creates it
+/// first): rows `{k, o, w, lsn}`.
+pub fn ensure_end_nodes(
+    node: (&str, &[std::sync::Arc<str>]),
+    owner: (&str, &[std::sync::Arc<str>]),
+) -> String {
+    format!(
+        "{PREFIX}UNWIND $rows AS row OPTIONAL MATCH (a:{} {}){} \
+         WITH row, a WHERE CASE WHEN a IS NULL THEN row.w ELSE {} END MERGE (n:{} {})",
+        quote(owner.0),
+        key_pattern(owner.1, "o"),
+        index_hint("a", owner.0, owner.1),
+        guard("a"),
+        quote(node.0),
+        key_pattern(node.1, "k")
+    )
+}
+
 /// Delete nodes with their relationships: rows `{k, lsn}`.
 pub fn delete_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(

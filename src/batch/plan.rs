@@ -6,7 +6,7 @@
 //! segment's operations applied one by one (the batcher opens a new segment
 //! wherever that would not hold).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::lsn::Lsn;
@@ -32,11 +32,13 @@ struct EdgeMerge {
 pub(super) struct Segment {
     upserts: Vec<Option<(NodeRef, Props, Lsn)>>,
     upsert_idx: HashMap<NodeRef, usize>,
-    /// Row-owned edges to set (`SetOwnedRel`), one per type and owner.
-    owned: Vec<GraphOp>,
+    /// Row-owned edges to set (`SetOwnedRel`), one per type and owner, each
+    /// with whether an upsert of its owner came before it in the segment.
+    owned: Vec<(GraphOp, bool)>,
     owned_idx: HashMap<(Arc<str>, NodeRef), usize>,
     edge_deletes: Vec<(EdgeId, Lsn)>,
-    edge_delete_idx: HashSet<EdgeId>,
+    /// Where each edge's delete is in `edge_deletes`.
+    edge_delete_idx: HashMap<EdgeId, usize>,
     edge_merges: Vec<Option<(EdgeId, EdgeMerge)>>,
     edge_merge_idx: HashMap<EdgeId, usize>,
     deletes: Vec<(NodeRef, Lsn)>,
@@ -45,6 +47,10 @@ pub(super) struct Segment {
     /// placeholders; they are created all the same.
     ensure: Vec<NodeRef>,
     ensured: std::collections::HashSet<NodeRef>,
+    /// Placeholders a coalesced-away row-owned edge would have made only if
+    /// its owner passed the edge's guard (`EnsureEndOf`). Checked before
+    /// this segment's upserts, so against the owner as it was before them.
+    ensure_if: Vec<GraphOp>,
     pub(super) truncate: Option<GraphOp>,
 }
 
@@ -55,6 +61,7 @@ impl Segment {
             && self.edge_deletes.is_empty()
             && self.edge_merge_idx.is_empty()
             && self.ensure.is_empty()
+            && self.ensure_if.is_empty()
             && self.deletes.is_empty()
             && self.truncate.is_none()
     }
@@ -70,7 +77,8 @@ impl Segment {
             GraphOp::MergeEdge { from, to, .. } => touched(from) || touched(to),
             GraphOp::DeleteNode { .. }
             | GraphOp::DeleteEdge { .. }
-            | GraphOp::EnsureNode { .. } => false,
+            | GraphOp::EnsureNode { .. }
+            | GraphOp::EnsureEndOf { .. } => false,
             GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => true,
         }
     }
@@ -84,6 +92,7 @@ impl Segment {
     pub(super) fn add(&mut self, op: GraphOp) {
         match op {
             GraphOp::EnsureNode { node } => self.ensure(&node),
+            op @ GraphOp::EnsureEndOf { .. } => self.ensure_if.push(op),
             GraphOp::UpsertNode { node, props, lsn } => match self.upsert_idx.get(&node) {
                 Some(&i) => {
                     let Some(entry) = self.upserts[i].as_mut() else {
@@ -121,20 +130,35 @@ impl Segment {
                 ..
             } => {
                 let id = (Arc::clone(rel_type), own.clone());
+                // Whether the owner's guard surely passes for this edge: an
+                // upsert of the owner came earlier in the segment.
+                let owner_written = self.upsert_idx.contains_key(own);
                 match self.owned_idx.get(&id) {
                     Some(&i) => {
-                        if let GraphOp::SetOwnedRel {
-                            other: Some(prev), ..
-                        } = &self.owned[i]
+                        // The edge it replaces would have made a placeholder
+                        // at its other end, if its owner's guard let it.
+                        if let (
+                            GraphOp::SetOwnedRel {
+                                own,
+                                other: Some(prev),
+                                lsn,
+                                ..
+                            },
+                            written,
+                        ) = &self.owned[i]
                         {
-                            let prev = prev.clone();
-                            self.ensure(&prev);
+                            self.ensure_if.push(GraphOp::EnsureEndOf {
+                                node: prev.clone(),
+                                owner: own.clone(),
+                                owner_written: *written,
+                                lsn: *lsn,
+                            });
                         }
-                        self.owned[i] = op;
+                        self.owned[i] = (op, owner_written);
                     }
                     None => {
                         self.owned_idx.insert(id, self.owned.len());
-                        self.owned.push(op);
+                        self.owned.push((op, owner_written));
                     }
                 }
             }
@@ -209,8 +233,15 @@ impl Segment {
                         self.ensure(&m.to);
                     }
                 }
-                if self.edge_delete_idx.insert(id.clone()) {
-                    self.edge_deletes.push((id, lsn));
+                // Deleted again later in the segment: the later delete
+                // decides (an edge stamped between the two must go).
+                match self.edge_delete_idx.get(&id) {
+                    Some(&i) => self.edge_deletes[i].1 = self.edge_deletes[i].1.max(lsn),
+                    None => {
+                        self.edge_delete_idx
+                            .insert(id.clone(), self.edge_deletes.len());
+                        self.edge_deletes.push((id, lsn));
+                    }
                 }
             }
             op @ (GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. }) => {
@@ -226,6 +257,16 @@ impl Segment {
             out.push(vec![op]);
             return;
         }
+        // 0. conditional placeholders, against the owners as they were
+        //    before this segment, by label and owner label.
+        let mut groups: Groups<(Arc<str>, Arc<str>)> = Groups::default();
+        for op in self.ensure_if {
+            if let GraphOp::EnsureEndOf { node, owner, .. } = &op {
+                let group = (Arc::clone(&node.label), Arc::clone(&owner.label));
+                groups.push(group, op);
+            }
+        }
+        out.extend(groups.into_inner());
         // 1. node upserts, by label (voided entries were deleted later).
         let mut groups: Groups<Arc<str>> = Groups::default();
         for (node, props, lsn) in self.upserts.into_iter().flatten() {
@@ -243,7 +284,7 @@ impl Segment {
 
         // 2. row-owned relationships, by type, direction and label.
         let mut groups: Groups<(Arc<str>, bool, Arc<str>)> = Groups::default();
-        for op in self.owned {
+        for (op, _) in self.owned {
             if let GraphOp::SetOwnedRel {
                 rel_type,
                 own_is_from,

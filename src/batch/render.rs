@@ -64,6 +64,11 @@ pub fn describe(op: &GraphOp, mapping: &Mapping) -> (String, String, Option<Lsn>
             (table_of_label(&node.label), key_text(&node.key), Some(*lsn))
         }
         GraphOp::EnsureNode { node } => (table_of_label(&node.label), key_text(&node.key), None),
+        GraphOp::EnsureEndOf { owner, lsn, .. } => (
+            table_of_label(&owner.label),
+            key_text(&owner.key),
+            Some(*lsn),
+        ),
         GraphOp::SetOwnedRel {
             rel_type, own, lsn, ..
         } => (table_of_type(rel_type), key_text(&own.key), Some(*lsn)),
@@ -127,6 +132,20 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
                 cypher::row(vec![("k", cypher::key_list(&node.key)), ("lsn", lsn(l))])
             }
             GraphOp::EnsureNode { node } => cypher::row(vec![("k", cypher::key_list(&node.key))]),
+            GraphOp::EnsureEndOf {
+                node,
+                owner,
+                owner_written,
+                lsn: l,
+            } => cypher::row(vec![
+                ("k", cypher::key_list(&node.key)),
+                ("o", cypher::key_list(&owner.key)),
+                (
+                    "w",
+                    BoltType::Boolean(neo4rs::BoltBoolean::new(owner_written)),
+                ),
+                ("lsn", lsn(l)),
+            ]),
             GraphOp::SetOwnedRel {
                 own, other, lsn: l, ..
             } => cypher::row(vec![
@@ -179,6 +198,10 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
         GraphOp::EnsureNode { node } => {
             cypher::ensure_nodes(&node.label, lookup.key_props(&node.label))
         }
+        GraphOp::EnsureEndOf { node, owner, .. } => cypher::ensure_end_nodes(
+            (&node.label, lookup.key_props(&node.label)),
+            (&owner.label, lookup.key_props(&owner.label)),
+        ),
         GraphOp::SetOwnedRel {
             rel_type,
             own,

@@ -157,6 +157,23 @@ pub enum GraphOp {
         /// The node.
         node: NodeRef,
     },
+    /// Create the node as a placeholder unless it exists, as the row-owned
+    /// edge of `owner` at `lsn` that the batcher coalesced away would have:
+    /// only where that edge's guard would have let it, judged against the
+    /// owner as it was before the batch's segment — it exists and its
+    /// `_lsn` is absent or not newer than `lsn`, or it does not exist yet
+    /// and the segment created it before the edge (`owner_written`). The
+    /// mapper never emits this.
+    EnsureEndOf {
+        /// The node at the other end.
+        node: NodeRef,
+        /// The row's own node.
+        owner: NodeRef,
+        /// An upsert of the owner came before the edge in the segment.
+        owner_written: bool,
+        /// Commit LSN of the coalesced-away edge.
+        lsn: Lsn,
+    },
     /// Delete every node with a label (TRUNCATE of a node table).
     TruncateLabel {
         /// Label.
