@@ -106,8 +106,9 @@ pub enum Command {
         /// then not see those transactions).
         #[arg(long)]
         confirm: bool,
-        /// Show two-phase transactions at PREPARE time (protocol 3+); on a
-        /// non-temporary slot this turns two-phase decoding on for good.
+        /// Show two-phase transactions at PREPARE time (protocol 3+). Only
+        /// with --temporary: it would turn two-phase decoding on for good on
+        /// walgraph's own slot.
         #[arg(long)]
         two_phase: bool,
     },

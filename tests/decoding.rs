@@ -520,17 +520,26 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
     )
     .await;
     fx.setup().await;
+    // A slot of the test's own: two-phase decoding, once on, stays on.
+    let slot = format!("{}_2pc", fx.config.postgres.slot);
+    fx.pg
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .expect("a second slot");
     prepare_commit_and_roll_back(&fx).await;
     // Begin Prepare, Prepare, Commit Prepared and Rollback Prepared travel
     // now; the transactions that come out are the same.
-    let txns = fx.peek_two_phase(3).await;
+    let txns = fx.peek_two_phase(&slot, 3).await;
     let ids = first_ids(&txns);
     assert_eq!(ids, vec![3, 1, 4]);
     let row = fx
         .pg
         .query_one(
             "SELECT two_phase FROM pg_replication_slots WHERE slot_name = $1",
-            &[&fx.config.postgres.slot],
+            &[&slot],
         )
         .await
         .expect("slot");
@@ -538,6 +547,10 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
         row.get::<_, bool>(0),
         "the slot did not switch to two-phase decoding"
     );
+    let _ = fx
+        .pg
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await;
     fx.cleanup().await;
 }
 

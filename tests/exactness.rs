@@ -191,3 +191,58 @@ to = { label = "{p}User", columns = ["user_id"] }
     assert_eq!(rows, vec![serde_json::json!({"u": 3, "users": 3})]);
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peek_never_turns_two_phase_decoding_on_for_walgraphs_slot() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let config = fx.config_file(
+        "peek.toml",
+        "",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    );
+    let config = config.to_string_lossy().into_owned();
+    let out = fx
+        .walgraph(&[
+            "--config",
+            &config,
+            "peek",
+            "--two-phase",
+            "--idle-timeout",
+            "1s",
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "peek --two-phase on the slot is refused"
+    );
+    assert!(
+        stderr.contains("--temporary"),
+        "and says what to do: {stderr}"
+    );
+    let two_phase: bool = fx
+        .pg
+        .query_one(
+            "SELECT two_phase FROM pg_replication_slots WHERE slot_name = $1",
+            &[&fx.config.postgres.slot],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(!two_phase, "the slot is as setup made it");
+    // And run streams from it as ever.
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (1)").await;
+    eventually(Duration::from_secs(30), "the row", || async {
+        (fx.cypher("MATCH (n:{p}Item) RETURN n.id AS id").await.len() == 1).then_some(())
+    })
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -260,6 +260,11 @@ pub async fn peek(
 /// `walgraph peek`: JSON lines on stdout until the limit, the idle timeout
 /// or a signal.
 pub async fn command(cfg: &crate::config::Config, opts: &PeekOptions) -> anyhow::Result<()> {
+    if let (true, Some(slot)) = (opts.two_phase, &opts.slot) {
+        anyhow::bail!(
+            "peek --two-phase would turn two-phase decoding on for good on slot {slot}, which walgraph run reads; add --temporary to peek from a slot of its own"
+        );
+    }
     let mut out = std::io::stdout();
     peek(
         &super::conninfo(cfg)?,

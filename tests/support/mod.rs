@@ -361,12 +361,14 @@ impl Fixture {
         n: usize,
         spill: walgraph::config::SpillSettings,
     ) -> Vec<serde_json::Value> {
-        self.peek_inner(n, spill, false).await
+        self.peek_inner(n, spill, None).await
     }
 
     /// As [`Fixture::peek`], asking for two-phase transactions at PREPARE.
-    pub async fn peek_two_phase(&self, n: usize) -> Vec<serde_json::Value> {
-        self.peek_inner(n, walgraph::config::SpillSettings::default(), true)
+    /// As [`Fixture::peek`], with two-phase decoding, from the slot `slot`
+    /// (never walgraph's own: two-phase decoding stays on for a slot).
+    pub async fn peek_two_phase(&self, slot: &str, n: usize) -> Vec<serde_json::Value> {
+        self.peek_inner(n, walgraph::config::SpillSettings::default(), Some(slot))
             .await
     }
 
@@ -374,15 +376,17 @@ impl Fixture {
         &self,
         n: usize,
         spill: walgraph::config::SpillSettings,
-        two_phase: bool,
+        two_phase_slot: Option<&str>,
     ) -> Vec<serde_json::Value> {
         let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
         let opts = walgraph::commands::peek::PeekOptions {
-            slot: Some(self.config.postgres.slot.clone()),
+            slot: Some(
+                two_phase_slot.map_or_else(|| self.config.postgres.slot.clone(), str::to_string),
+            ),
             publications: vec![self.config.postgres.publication.clone()],
             proto_version: None,
             streaming: true,
-            two_phase,
+            two_phase: two_phase_slot.is_some(),
             spill,
             limit: Some(n),
             idle_timeout: Some(Duration::from_secs(15)),
