@@ -44,6 +44,7 @@ fn mapping() -> Mapping {
         primary_key: vec!["id".into()],
         unique: vec![vec!["id".into()]],
         replica_identity: 'd',
+        ..TableInfo::default()
     };
     catalog.insert("s.groups".into(), table(&["id", "name"]));
     catalog.insert("s.items".into(), table(&["id", "grp", "val", "payload"]));

@@ -110,6 +110,7 @@ fn mapper() -> Mapper {
                 primary_key: key.clone(),
                 unique: vec![key],
                 replica_identity: 'd',
+                ..TableInfo::default()
             },
         );
     }

@@ -199,6 +199,11 @@ fn check_columns(
     what: &str,
 ) -> Result<(), MappingError> {
     for c in cols {
+        if info.generated.contains(c) {
+            return err(format!(
+                "the mapping names column `{c}` ({what}) of {table}, a generated column, which logical replication does not send; leave it out of the mapping"
+            ));
+        }
         if !info.columns.contains(c) {
             return err(format!(
                 "the mapping names column `{c}` ({what}) of {table}, which has no such column"

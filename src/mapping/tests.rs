@@ -10,6 +10,7 @@ pub fn demo_catalog() -> Catalog {
         primary_key: pk.iter().map(|s| s.to_string()).collect(),
         unique: vec![pk.iter().map(|s| s.to_string()).collect()],
         replica_identity: 'd',
+        ..TableInfo::default()
     };
     let mut c = Catalog::new();
     c.insert(
@@ -118,4 +119,17 @@ fn bad_mappings_are_refused_with_one_sentence() {
     nopk.get_mut("public.roles").unwrap().unique.clear();
     let e = compile_err("[[node]]\ntable=\"public.roles\"\nlabel=\"R\"\n", &nopk);
     assert!(e.contains("no primary key"), "{e}");
+}
+
+#[test]
+fn a_generated_column_named_by_the_mapping_is_refused_with_why() {
+    let mut c = demo_catalog();
+    if let Some(users) = c.get_mut("public.users") {
+        users.generated.push("search".into());
+    }
+    let e = compile_err(
+        "[[node]]\ntable = \"public.users\"\nlabel = \"User\"\ninclude = [\"search\"]\n",
+        &c,
+    );
+    assert!(e.contains("generated column"), "{e}");
 }

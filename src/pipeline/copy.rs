@@ -108,6 +108,7 @@ pub async fn describe_table(
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
              JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
              ORDER BY a.attnum",
             &[&quote_qualified(name)],
         )

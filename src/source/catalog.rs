@@ -16,8 +16,12 @@ use crate::lsn::Lsn;
 /// What the catalog says about one table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableInfo {
-    /// Column names in order.
+    /// Column names in order, without generated columns: logical
+    /// replication does not send those (PostgreSQL 12–17; 18 only on
+    /// request), so walgraph maps what the stream carries.
     pub columns: Vec<String>,
+    /// Stored generated columns, left out of `columns`.
+    pub generated: Vec<String>,
     /// Primary key columns (empty without one).
     pub primary_key: Vec<String>,
     /// Column sets of unique constraints and unique indexes (including the primary key).
@@ -160,7 +164,12 @@ impl PgClient {
                 "SELECT n.nspname || '.' || c.relname AS t, c.oid, c.relreplident::text,
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                              ORDER BY a.attnum) AS cols
+                                AND a.attgenerated = ''
+                              ORDER BY a.attnum) AS cols,
+                        array(SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attgenerated <> ''
+                              ORDER BY a.attnum) AS generated
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY($1)",
                 &[&tables],
@@ -173,6 +182,7 @@ impl PgClient {
             let oid: u32 = row.try_get(1).map_err(db_error)?;
             let ident: String = row.try_get(2).map_err(db_error)?;
             let columns: Vec<String> = row.try_get(3).map_err(db_error)?;
+            let generated: Vec<String> = row.try_get(4).map_err(db_error)?;
             let idx = self
                 .client
                 .query(
@@ -188,6 +198,7 @@ impl PgClient {
                 .map_err(db_error)?;
             let mut info = TableInfo {
                 columns,
+                generated,
                 replica_identity: ident.chars().next().unwrap_or('d'),
                 ..TableInfo::default()
             };
