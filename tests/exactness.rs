@@ -304,3 +304,71 @@ async fn generated_columns_never_stop_run_and_map_the_same_in_snapshot_and_strea
     );
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_key_that_is_not_the_replica_identity_is_refused_or_followed_exactly() {
+    let _shared = SERVICES.read().await;
+    let mapping = "[[node]]\ntable = \"{s}.people\"\nlabel = \"{p}Person\"\nkey = [\"email\"]\n";
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.people (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text);
+         CREATE TABLE {s}.codes (id int PRIMARY KEY, code text UNIQUE);
+         ALTER TABLE {s}.codes REPLICA IDENTITY FULL;",
+        mapping,
+    )
+    .await;
+    let refused = walgraph::commands::setup::setup(&fx.config)
+        .await
+        .map(|_| ())
+        .expect_err("a key outside the replica identity is refused");
+    let sentence = walgraph::error_sentence(&refused);
+    assert!(
+        sentence.contains("replica identity") && sentence.contains("REPLICA IDENTITY USING INDEX"),
+        "{sentence}"
+    );
+    // A nullable unique key, even with REPLICA IDENTITY FULL: refused too.
+    let mut nullable = fx.config.clone();
+    let other = walgraph::config::Config::parse(
+        &"[[node]]\ntable = \"{s}.codes\"\nlabel = \"{p}Code\"\nkey = [\"code\"]\n"
+            .replace("{s}", &fx.schema)
+            .replace("{p}", &fx.prefix),
+    )
+    .expect("mapping");
+    nullable.nodes = other.nodes;
+    let refused = walgraph::commands::setup::setup(&nullable)
+        .await
+        .map(|_| ())
+        .expect_err("a nullable key is refused");
+    assert!(
+        walgraph::error_sentence(&refused).contains("may be NULL"),
+        "{}",
+        walgraph::error_sentence(&refused)
+    );
+
+    // With the key's index as the replica identity, re-keys and deletes are exact.
+    fx.sql("ALTER TABLE {s}.people REPLICA IDENTITY USING INDEX people_email_key")
+        .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql(
+        "INSERT INTO {s}.people VALUES (1, 'a@x', 'A'), (2, 'c@x', 'C');
+         UPDATE {s}.people SET email = 'b@x' WHERE id = 1;
+         DELETE FROM {s}.people WHERE id = 2;",
+    )
+    .await;
+    let want = vec![serde_json::json!({"email": "b@x", "name": "A"})];
+    eventually(
+        Duration::from_secs(30),
+        "the re-keyed row alone",
+        || async {
+            let rows = fx
+                .cypher(
+                    "MATCH (n:{p}Person) RETURN n.email AS email, n.name AS name ORDER BY email",
+                )
+                .await;
+            (rows == want).then_some(())
+        },
+    )
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}

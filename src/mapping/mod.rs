@@ -213,6 +213,34 @@ fn check_columns(
     Ok(())
 }
 
+/// Refuses a key that Postgres would not send of a deleted or re-keyed row:
+/// only the replica identity's columns come with those (all of them with
+/// `REPLICA IDENTITY FULL`), so a key outside it leaves a stale node behind
+/// or stops `run` at the first delete.
+fn check_identity(
+    table: &str,
+    info: &TableInfo,
+    key: &[String],
+    what: &str,
+) -> Result<(), MappingError> {
+    let Some(identity) = info.identity_columns() else {
+        return Ok(());
+    };
+    if key.iter().all(|k| identity.contains(k)) {
+        return Ok(());
+    }
+    let identity = if identity.is_empty() {
+        "none".to_string()
+    } else {
+        identity.join(", ")
+    };
+    err(format!(
+        "the {what} ({}) of {table} is not its replica identity ({identity}), and Postgres sends only the replica identity of a deleted or re-keyed row: run ALTER TABLE {table} REPLICA IDENTITY USING INDEX <a unique index on ({})>, or REPLICA IDENTITY FULL, or key it by the primary key",
+        key.join(", "),
+        key.join(", ")
+    ))
+}
+
 fn is_unique(info: &TableInfo, cols: &[String]) -> bool {
     let set: HashSet<&String> = cols.iter().collect();
     info.unique
@@ -258,6 +286,13 @@ pub fn compile(
             return err(format!(
                 "the key ({}) of {} is not unique in the database: add a unique constraint on it or choose the primary key",
                 key.join(", "),
+                n.table
+            ));
+        }
+        check_identity(&n.table, info, &key, "key")?;
+        if let Some(c) = key.iter().find(|k| info.nullable.contains(k)) {
+            return err(format!(
+                "the key column {c} of {} may be NULL, and a row without a key cannot be a node: add NOT NULL to it or choose a key that has it",
                 n.table
             ));
         }
@@ -394,6 +429,7 @@ pub fn compile(
                 for c in &key {
                     check_name("key property", c)?;
                 }
+                check_identity(&r.table, info, &key, "edge key")?;
                 (
                     RelKind::Edge {
                         pair_identity: keyset == endpoints,

@@ -28,6 +28,24 @@ pub struct TableInfo {
     pub unique: Vec<Vec<String>>,
     /// `relreplident` as a character.
     pub replica_identity: char,
+    /// The columns of the replica identity index (`REPLICA IDENTITY USING
+    /// INDEX`), in index order; empty otherwise.
+    pub identity_index: Vec<String>,
+    /// Columns that allow NULL.
+    pub nullable: Vec<String>,
+}
+
+impl TableInfo {
+    /// The columns Postgres sends of a deleted or re-keyed row: `None` with
+    /// `REPLICA IDENTITY FULL` (all of them), else the identity index's or
+    /// the primary key's.
+    pub fn identity_columns(&self) -> Option<&[String]> {
+        match self.replica_identity {
+            'f' => None,
+            'i' => Some(&self.identity_index),
+            _ => Some(&self.primary_key),
+        }
+    }
 }
 
 /// Tables by schema-qualified name.
@@ -169,7 +187,11 @@ impl PgClient {
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                                 AND a.attgenerated <> ''
-                              ORDER BY a.attnum) AS generated
+                              ORDER BY a.attnum) AS generated,
+                        array(SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                AND NOT a.attnotnull
+                              ORDER BY a.attnum) AS nullable
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY($1)",
                 &[&tables],
@@ -183,10 +205,11 @@ impl PgClient {
             let ident: String = row.try_get(2).map_err(db_error)?;
             let columns: Vec<String> = row.try_get(3).map_err(db_error)?;
             let generated: Vec<String> = row.try_get(4).map_err(db_error)?;
+            let nullable: Vec<String> = row.try_get(5).map_err(db_error)?;
             let idx = self
                 .client
                 .query(
-                    "SELECT i.indisprimary,
+                    "SELECT i.indisprimary, i.indisreplident,
                             array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
                                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                                   ORDER BY k.ord) AS cols
@@ -199,12 +222,17 @@ impl PgClient {
             let mut info = TableInfo {
                 columns,
                 generated,
+                nullable,
                 replica_identity: ident.chars().next().unwrap_or('d'),
                 ..TableInfo::default()
             };
             for r in idx {
                 let primary: bool = r.try_get(0).map_err(db_error)?;
-                let cols: Vec<String> = r.try_get(1).map_err(db_error)?;
+                let identity: bool = r.try_get(1).map_err(db_error)?;
+                let cols: Vec<String> = r.try_get(2).map_err(db_error)?;
+                if identity {
+                    info.identity_index = cols.clone();
+                }
                 if primary {
                     info.primary_key = cols.clone();
                 }
