@@ -446,7 +446,7 @@ async fn a_million_row_transaction_streams_through_peek_in_bounded_memory() {
             "--limit",
             "1",
             "--idle-timeout",
-            "120s",
+            "300s",
         ])
         .env("WALGRAPH_PG_URL", &fx.env.pg_url)
         .stdout(std::process::Stdio::piped())
