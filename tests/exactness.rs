@@ -372,3 +372,166 @@ async fn a_node_key_that_is_not_the_replica_identity_is_refused_or_followed_exac
     run.stop().await;
     fx.cleanup().await;
 }
+
+/// Waits for an in-process `run` to stop by itself; returns its error sentence.
+async fn run_stops(run: crate::support::Running, what: &str) -> String {
+    match tokio::time::timeout(Duration::from_secs(60), run.handle).await {
+        Ok(Ok(Err(e))) => e.to_string(),
+        Ok(Ok(Ok(()))) => panic!("run ended without an error; expected it to stop: {what}"),
+        Ok(Err(e)) => panic!("run panicked: {e}"),
+        Err(_) => panic!("run did not stop within 60 s: {what}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_table_renamed_or_dropped_while_running_stops_run_with_a_sentence() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.a (id int PRIMARY KEY); CREATE TABLE {s}.quiet (id int PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.a\"\nlabel = \"{p}A\"\n\
+         [[node]]\ntable = \"{s}.quiet\"\nlabel = \"{p}Quiet\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.a VALUES (1)").await;
+    eventually(Duration::from_secs(30), "the first row", || async {
+        (fx.cypher("MATCH (n:{p}A) RETURN n.id AS id").await.len() == 1).then_some(())
+    })
+    .await;
+    let before = fx.wal_lsn().await;
+    fx.sql("ALTER TABLE {s}.a RENAME TO b; INSERT INTO {s}.b VALUES (2);")
+        .await;
+    let why = run_stops(run, "a change to a renamed table").await;
+    assert!(why.contains("is now called"), "{why}");
+    assert!(
+        fx.checkpoint().await.unwrap_or_default() <= before && fx.confirmed_flush().await <= before,
+        "the change to the renamed table is not passed over"
+    );
+    fx.cleanup().await;
+
+    // A quiet mapped table dropped: no change ever arrives, the catalog says so.
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.a (id int PRIMARY KEY); CREATE TABLE {s}.quiet (id int PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.a\"\nlabel = \"{p}A\"\n\
+         [[node]]\ntable = \"{s}.quiet\"\nlabel = \"{p}Quiet\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.a VALUES (1)").await;
+    eventually(Duration::from_secs(30), "the first row", || async {
+        (fx.cypher("MATCH (n:{p}A) RETURN n.id AS id").await.len() == 1).then_some(())
+    })
+    .await;
+    fx.sql("DROP TABLE {s}.quiet").await;
+    let why = run_stops(run, "a dropped quiet table").await;
+    assert!(why.contains("was dropped"), "{why}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graph_behind_the_slot_stops_run_until_it_is_repaired() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (1, 'a')").await;
+    let count = || async {
+        fx.cypher("MATCH (n:{p}Item) RETURN count(n) AS n").await[0]["n"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(30), "the first row", || async {
+        (count().await == 1).then_some(())
+    })
+    .await;
+    run.stop().await;
+    // While walgraph is stopped, a change is confirmed past it (as `peek
+    // --confirm` or a graph restored from an older backup would leave it).
+    fx.sql("INSERT INTO {s}.items VALUES (2, 'b')").await;
+    fx.pg
+        .execute(
+            "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&fx.config.postgres.slot],
+        )
+        .await
+        .expect("advance the slot");
+    let why = run_stops(fx.start(), "a graph behind its slot").await;
+    assert!(
+        why.contains("snapshot --restart") && why.contains("reconcile --repair"),
+        "{why}"
+    );
+    assert_eq!(count().await, 1, "nothing streamed over the gap");
+    let reports = reconcile(
+        &fx.config,
+        &ReconcileOptions {
+            table: None,
+            repair: true,
+            chunk_rows: 100,
+            progress_bar: false,
+        },
+    )
+    .await
+    .expect("repair");
+    assert!(reports.iter().any(|r| r.missing_count == 1), "{reports:?}");
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (3, 'c')").await;
+    eventually(
+        Duration::from_secs(30),
+        "the repaired graph streaming again",
+        || async { (count().await == 3).then_some(()) },
+    )
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_taken_for_an_earlier_slot_of_the_same_name_does_not_count() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY);
+         INSERT INTO {s}.items SELECT generate_series(1, 3);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let opts = SnapshotOptions {
+        chunk_rows: 100,
+        restart: false,
+        progress_bar: false,
+    };
+    let first = snapshot(&fx.config, &opts).await.expect("snapshot");
+    assert_eq!(first.rows, 3);
+    // The slot dropped and made again; a row written while there was none.
+    fx.pg
+        .execute(
+            "SELECT pg_drop_replication_slot($1)",
+            &[&fx.config.postgres.slot],
+        )
+        .await
+        .expect("drop the slot");
+    fx.sql("INSERT INTO {s}.items VALUES (4)").await;
+    let lines = fx.setup().await;
+    assert!(
+        lines.iter().any(|l| l.contains("does not count")),
+        "setup says the old snapshot does not count: {lines:?}"
+    );
+    let again = snapshot(&fx.config, &opts).await.expect("snapshot again");
+    assert!(!again.already_done, "copied again, not 'already complete'");
+    assert_eq!(again.rows, 4);
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.items VALUES (5)").await;
+    eventually(Duration::from_secs(30), "every row", || async {
+        let n = fx.cypher("MATCH (n:{p}Item) RETURN count(n) AS n").await;
+        (n == vec![serde_json::json!({"n": 5})]).then_some(())
+    })
+    .await;
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -6,7 +6,7 @@
 
 use super::conninfo;
 use crate::config::Config;
-use crate::sink::Sink;
+use crate::sink::{snapshot_state, Sink};
 use crate::source::catalog::PgClient;
 
 /// Creates (or finds) the publication, the slot and the Neo4j constraints;
@@ -21,8 +21,12 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let mut lines = vec![
         pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
             .await?,
-        pg.ensure_slot(&cfg.postgres.slot).await?,
     ];
+    let (line, created_at) = pg.ensure_slot(&cfg.postgres.slot).await?;
+    lines.push(line);
+    if let Some(at) = created_at {
+        lines.extend(forget_an_earlier_slots_snapshot(&sink, &cfg.postgres.slot, at).await?);
+    }
     let created = sink.ensure_schema(&mapping).await?;
     lines.push(if created.is_empty() {
         "Neo4j constraints and indexes already present".to_string()
@@ -33,6 +37,27 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
         )
     });
     Ok(lines)
+}
+
+/// A snapshot Neo4j records for an earlier slot of the same name (dropped
+/// and created again) does not count for the new one: rows changed while no
+/// slot existed are in neither. Its record is reset, so `run` waits for a
+/// new `walgraph snapshot`, which copies everything again.
+async fn forget_an_earlier_slots_snapshot(
+    sink: &Sink,
+    slot: &str,
+    created_at: crate::lsn::Lsn,
+) -> anyhow::Result<Option<String>> {
+    if snapshot_state::read_state(sink, slot).await?.is_none() {
+        return Ok(None);
+    }
+    let fresh = snapshot_state::SnapshotState::default();
+    sink.graph()
+        .run(snapshot_state::progress_query(slot, &fresh, created_at))
+        .await?;
+    Ok(Some(format!(
+        "the snapshot Neo4j holds for an earlier slot named {slot} does not count for the new slot; run `walgraph snapshot` before `walgraph run`"
+    )))
 }
 
 /// `walgraph setup`: prints one line per thing created or found.

@@ -196,6 +196,11 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
         )
         .await?;
     }
+    // Every table is read past the slot's confirmed position: if the graph
+    // was behind it (restored, wiped), it is not any more.
+    if let Some(at) = prepared.confirmed_flush {
+        sink.advance_checkpoint_to(at).await?;
+    }
     state.done = true;
     sink.apply_with(
         &Batcher::new().take(&prepared.mapping),

@@ -197,6 +197,16 @@ pub enum MapError {
         /// The column.
         column: String,
     },
+    /// A mapped table was renamed while walgraph ran.
+    #[error("the mapped table {was} is now called {now} (a change to it at {lsn}); name it so in the mapping, run `walgraph setup`, and start walgraph again: the slot still holds the change")]
+    Renamed {
+        /// The name the mapping has.
+        was: String,
+        /// The table's name now.
+        now: String,
+        /// Commit LSN of the change.
+        lsn: Lsn,
+    },
     /// A key column came without a value.
     #[error("a change to {table} at {lsn} has no value for key column `{column}`; give the table a primary key or REPLICA IDENTITY FULL")]
     MissingKey {
@@ -294,6 +304,15 @@ impl Mapper {
     ) -> Result<(), MapError> {
         let rel = &change.relation;
         let Some(target) = self.mapping.tables.get(&rel.qualified_name()) else {
+            // Not mapped, unless it is a mapped table under a new name:
+            // its changes must not be dropped while the checkpoint moves on.
+            if let Some(was) = self.mapping.oids.get(&rel.oid) {
+                return Err(MapError::Renamed {
+                    was: was.clone(),
+                    now: rel.qualified_name(),
+                    lsn,
+                });
+            }
             return Ok(());
         };
         if let Some(node) = &target.node {

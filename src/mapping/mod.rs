@@ -109,6 +109,9 @@ pub struct TableTarget {
 pub struct Mapping {
     /// Targets by schema-qualified table name.
     pub tables: HashMap<String, TableTarget>,
+    /// The mapped tables' names by OID, as the catalog had them: a change
+    /// that arrives under another name is a renamed mapped table.
+    pub oids: HashMap<u32, String>,
 }
 
 impl Mapping {
@@ -465,6 +468,9 @@ pub fn compile(
             ));
         }
         let _ = target;
+        if info.oid != 0 {
+            mapping.oids.insert(info.oid, table.clone());
+        }
     }
     Ok(mapping)
 }

@@ -76,6 +76,13 @@ pub enum RunError {
     /// The setup is incomplete.
     #[error("{0}")]
     NotReady(String),
+    /// The graph is behind the slot: changes Postgres no longer holds are
+    /// missing from it.
+    #[error("{0}")]
+    GraphBehind(String),
+    /// A mapped table was dropped or renamed while walgraph ran.
+    #[error("{0}")]
+    TableChanged(String),
 }
 
 impl RunError {

@@ -13,6 +13,7 @@ use tokio::time::sleep;
 
 use super::RunError;
 use crate::config::Config;
+use crate::lsn::Lsn;
 use crate::mapping::{self, Mapping};
 use crate::sink::{snapshot_state, Sink};
 use crate::source::catalog::PgClient;
@@ -26,6 +27,9 @@ pub struct Prepared {
     pub mapping: Arc<Mapping>,
     /// Neo4j; `None` for the null sink, which writes nothing (benchmarks).
     pub sink: Option<Sink>,
+    /// The slot's `confirmed_flush_lsn` when it was checked: Postgres sends
+    /// nothing from before it any more.
+    pub confirmed_flush: Option<Lsn>,
 }
 
 /// Reads the catalog of the mapped tables and compiles the mapping against it.
@@ -59,6 +63,13 @@ pub async fn prepare_with(cfg: &Config, null_sink: bool) -> Result<Prepared, Run
             return Err(RunError::NotReady(format!(
                 "a snapshot for slot {} was started and not finished; run `walgraph snapshot` to finish it first",
                 cfg.postgres.slot
+            )));
+        }
+        let checkpoint = sink.read_checkpoint().await?;
+        if let Some(gap) = graph_behind_slot(checkpoint.map(|c| c.lsn), p.confirmed_flush) {
+            return Err(RunError::GraphBehind(format!(
+                "Neo4j's checkpoint for slot {} is at {}, behind {}, where Postgres has let go of the WAL: the graph misses what changed in between (Neo4j restored from a backup, the graph changed by hand, or `peek --confirm`); run `walgraph snapshot --restart` or `walgraph reconcile --repair`, then start walgraph again",
+                cfg.postgres.slot, gap.0, gap.1
             )));
         }
     }
@@ -109,7 +120,9 @@ async fn prepare_checks(
         }
     }
     let slot = &cfg.postgres.slot;
-    match pg.slot(slot).await? {
+    let slot_info = pg.slot(slot).await?;
+    let confirmed_flush = slot_info.as_ref().and_then(|s| s.confirmed_flush_lsn);
+    match slot_info {
         None => {
             return Err(RunError::NotReady(format!(
                 "replication slot {slot} does not exist; run `walgraph setup` first"
@@ -145,6 +158,7 @@ async fn prepare_checks(
             info,
             mapping,
             sink: None,
+            confirmed_flush,
         });
     }
     let sink = Sink::connect(&cfg.neo4j, slot).await?;
@@ -160,5 +174,17 @@ async fn prepare_checks(
         info,
         mapping,
         sink,
+        confirmed_flush,
     })
+}
+
+/// `(checkpoint, confirmed flush)` when the graph's checkpoint is behind the
+/// position Postgres has confirmed: what lies between is gone from the slot.
+/// walgraph never confirms past its checkpoint, so only something outside it
+/// (a restored or edited graph, `peek --confirm`) gets there.
+pub fn graph_behind_slot(checkpoint: Option<Lsn>, confirmed: Option<Lsn>) -> Option<(Lsn, Lsn)> {
+    match (checkpoint, confirmed) {
+        (Some(c), Some(f)) if c < f => Some((c, f)),
+        _ => None,
+    }
 }

@@ -30,6 +30,7 @@ use crate::mapping::map::Mapper;
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
+use crate::source::catalog::PgClient;
 use crate::source::{ReplicationEvent, ReplicationStream, SourceError, StartOptions};
 use crate::transactions::{Assembler, TxnPart, PARTS_PER_TURN};
 
@@ -105,6 +106,10 @@ pub(super) async fn stream_once(
     let mut deadline: Option<Instant> = None;
     let mut server_wal_end = Lsn::ZERO;
     let mut last_idle_advance = Instant::now();
+    // The mapped tables, watched for a DROP or RENAME on a quiet table (a
+    // change to a renamed one stops the mapper at once).
+    let catalog = PgClient::connect(&p.info).await?;
+    let mut last_catalog_check = Instant::now();
     let mut status = tokio::time::interval(stream.status_interval());
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_changes = cfg.batch.max_changes;
@@ -150,6 +155,12 @@ pub(super) async fn stream_once(
                     in_flight = Some(b.end_lsn);
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
+                    }
+                }
+                if last_catalog_check.elapsed() >= CATALOG_CHECK_EVERY {
+                    last_catalog_check = Instant::now();
+                    if let Some(why) = mapped_tables_changed(&catalog, &p.mapping).await {
+                        break Err(RunError::TableChanged(why));
                     }
                 }
                 if last_report.elapsed() >= Duration::from_secs(10) && applied_changes > 0 {
@@ -240,6 +251,33 @@ pub(super) async fn stream_once(
         tracing::info!(flushed = %flushed, "stopped");
     }
     result
+}
+
+/// How often the mapped tables are looked up in the catalog.
+const CATALOG_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// A sentence when a mapped table is gone or has another name now. A failed
+/// look-up says nothing (the replication connection reports an outage).
+async fn mapped_tables_changed(catalog: &PgClient, mapping: &Mapping) -> Option<String> {
+    let oids: Vec<u32> = mapping.oids.keys().copied().collect();
+    let now = match catalog.table_names(&oids).await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look up the mapped tables");
+            return None;
+        }
+    };
+    let mut mapped: Vec<(&u32, &String)> = mapping.oids.iter().collect();
+    mapped.sort_by(|a, b| a.1.cmp(b.1));
+    mapped.into_iter().find_map(|(oid, was)| match now.get(oid) {
+        None => Some(format!(
+            "the mapped table {was} was dropped while walgraph ran; take it out of the mapping (its nodes and relationships stay in the graph until you remove them) and start walgraph again"
+        )),
+        Some(name) if name != was => Some(format!(
+            "the mapped table {was} is now called {name}; name it so in the mapping, run `walgraph setup`, and start walgraph again"
+        )),
+        Some(_) => None,
+    })
 }
 
 /// Whether the idle advance may move the checkpoint to `server_wal_end`

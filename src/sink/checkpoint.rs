@@ -106,4 +106,17 @@ impl Sink {
         })
         .await
     }
+
+    /// Moves this slot's checkpoint forward to `lsn` (never back), outside
+    /// any batch: after a full copy or repair has read the tables past `lsn`,
+    /// so nothing before it is missing from the graph any more.
+    pub async fn advance_checkpoint_to(&self, lsn: Lsn) -> Result<(), SinkError> {
+        self.timed("moving the checkpoint", async {
+            self.graph
+                .run(write_query(&self.slot, Checkpoint::at(lsn), None))
+                .await
+                .map_err(|e| self.err(e))
+        })
+        .await
+    }
 }

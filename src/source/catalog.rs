@@ -33,6 +33,8 @@ pub struct TableInfo {
     pub identity_index: Vec<String>,
     /// Columns that allow NULL.
     pub nullable: Vec<String>,
+    /// The table's OID (0 where unknown).
+    pub oid: u32,
 }
 
 impl TableInfo {
@@ -223,6 +225,7 @@ impl PgClient {
                 columns,
                 generated,
                 nullable,
+                oid,
                 replica_identity: ident.chars().next().unwrap_or('d'),
                 ..TableInfo::default()
             };
@@ -241,6 +244,24 @@ impl PgClient {
             catalog.insert(name, info);
         }
         Ok(catalog)
+    }
+
+    /// The schema-qualified names the tables with these OIDs have now;
+    /// dropped ones are missing.
+    pub async fn table_names(&self, oids: &[u32]) -> Result<HashMap<u32, String>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.oid, n.nspname || '.' || c.relname FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1)",
+                &[&oids],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(db_error)
     }
 
     /// The tables in a publication, or `None` if it does not exist.
@@ -353,8 +374,9 @@ impl PgClient {
         }
     }
 
-    /// Creates the logical slot with `pgoutput`, unless it exists.
-    pub async fn ensure_slot(&self, slot: &str) -> Result<String, CatalogError> {
+    /// Creates the logical slot with `pgoutput`, unless it exists. Returns
+    /// what was done, and the new slot's consistent point if it was created.
+    pub async fn ensure_slot(&self, slot: &str) -> Result<(String, Option<Lsn>), CatalogError> {
         if let Some(s) = self.slot(slot).await? {
             if s.plugin != "pgoutput" {
                 return Err(CatalogError::NotReady(format!(
@@ -362,7 +384,7 @@ impl PgClient {
                     s.plugin
                 )));
             }
-            return Ok(format!("replication slot {slot} already exists"));
+            return Ok((format!("replication slot {slot} already exists"), None));
         }
         let row = self
             .client
@@ -373,7 +395,13 @@ impl PgClient {
             .await
             .map_err(db_error)?;
         let lsn: String = row.try_get(0).map_err(db_error)?;
-        Ok(format!("created replication slot {slot} at {lsn}"))
+        let at = lsn
+            .parse()
+            .map_err(|e| CatalogError::Query(format!("the new slot's position: {e}")))?;
+        Ok((
+            format!("created replication slot {slot} at {lsn}"),
+            Some(at),
+        ))
     }
 
     /// Drops the slot if it exists.

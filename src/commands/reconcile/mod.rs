@@ -231,6 +231,11 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     }
     progress.finish();
     let _ = c.batch_execute("COMMIT").await;
+    // A repair of every table read them past the slot's confirmed position:
+    // a graph that was behind it (restored, wiped) is not any more.
+    if let (true, None, Some(at)) = (opts.repair, &opts.table, prepared.confirmed_flush) {
+        sink.advance_checkpoint_to(at).await?;
+    }
     Ok(reports)
 }
 
