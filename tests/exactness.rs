@@ -535,3 +535,121 @@ async fn a_snapshot_taken_for_an_earlier_slot_of_the_same_name_does_not_count() 
     run.stop().await;
     fx.cleanup().await;
 }
+
+/// Puts the server's commits on hold (a synchronous standby that never
+/// answers) until dropped. Only under the exclusive services lock.
+struct CommitsOnHold {
+    c: tokio_postgres::Client,
+    url: String,
+    released: bool,
+}
+
+impl CommitsOnHold {
+    async fn start(env: &crate::support::Env) -> Self {
+        let c = crate::support::pg(env).await;
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = 'walgraph_nobody'",
+            "SELECT pg_reload_conf()",
+        ] {
+            c.batch_execute(sql).await.expect("hold commits");
+        }
+        CommitsOnHold {
+            c,
+            url: env.pg_url.clone(),
+            released: false,
+        }
+    }
+
+    async fn release(mut self) {
+        self.released = true;
+        for sql in [
+            "ALTER SYSTEM RESET synchronous_standby_names",
+            "SELECT pg_reload_conf()",
+        ] {
+            self.c.batch_execute(sql).await.expect("release commits");
+        }
+    }
+}
+
+impl Drop for CommitsOnHold {
+    /// A test that failed before releasing must not leave every later
+    /// commit of the suite waiting.
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = std::process::Command::new("psql")
+                .arg(&self.url)
+                .args([
+                    "-X",
+                    "-q",
+                    "-c",
+                    "ALTER SYSTEM RESET synchronous_standby_names",
+                ])
+                .args(["-c", "SELECT pg_reload_conf()"])
+                .status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repair_never_writes_back_a_row_older_than_the_graph() {
+    let _exclusive = SERVICES.write().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);
+         INSERT INTO {s}.items VALUES (1, 'old');",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    snapshot(
+        &fx.config,
+        &SnapshotOptions {
+            chunk_rows: 100,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .expect("snapshot");
+    let run = fx.start();
+    let value =
+        || async { fx.cypher("MATCH (n:{p}Item {id: 1}) RETURN n.v AS v").await[0]["v"].clone() };
+    // A commit whose record is written (and streamed) but which is not yet
+    // visible: it waits for a synchronous standby.
+    let hold = CommitsOnHold::start(&fx.env).await;
+    let writer = crate::support::pg(&fx.env).await;
+    let update = format!("UPDATE {}.items SET v = 'new' WHERE id = 1", fx.schema);
+    let waiting = tokio::spawn(async move { writer.batch_execute(&update).await });
+    eventually(
+        Duration::from_secs(30),
+        "the waiting commit in the graph",
+        || async { (value().await == serde_json::json!("new")).then_some(()) },
+    )
+    .await;
+    // A repair now must not read the row as it was and stamp it newer.
+    let cfg = fx.config.clone();
+    let repair = tokio::spawn(async move {
+        reconcile(
+            &cfg,
+            &ReconcileOptions {
+                table: None,
+                repair: true,
+                chunk_rows: 100,
+                progress_bar: false,
+            },
+        )
+        .await
+        .map(|reports| reports.iter().map(|r| r.changed_count).sum::<u64>())
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    hold.release().await;
+    waiting.await.expect("join").expect("the update commits");
+    let changed = repair.await.expect("join").expect("reconcile");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        value().await,
+        serde_json::json!("new"),
+        "the repair changed {changed} row(s)"
+    );
+    run.stop().await;
+    fx.cleanup().await;
+}

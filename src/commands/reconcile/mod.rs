@@ -11,7 +11,8 @@
 //!   graph has are not compared); a node is *extra* when its row is gone
 //!   (placeholder nodes, which carry only a key and no `_lsn`, are not);
 //! - a repair writes what the mapping makes of the row, stamped with the
-//!   WAL position read *before* the rows, so the `_lsn` guard lets any
+//!   consistent point of the exported snapshot the rows are read under
+//!   (no transaction below it is missing from them), so the `_lsn` guard lets any
 //!   later streamed change win over it.
 
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::lsn::Lsn;
 use crate::mapping::map::Mapper;
 use crate::mapping::{Mapping, RelKind, RelTarget};
 use crate::pipeline;
-use crate::pipeline::copy::{describe_table, read_chunk, Table};
+use crate::pipeline::copy::{begin_exported_snapshot, describe_table, read_chunk, Table};
 use crate::sink::Sink;
 use crate::source::catalog::PgClient;
 use crate::source::sql::quote_qualified;
@@ -116,7 +117,8 @@ struct Ctx<'a> {
     c: &'a tokio_postgres::Client,
     mapping: &'a Mapping,
     mapper: &'a Mapper,
-    /// The WAL position read before the rows; repairs carry it as `_lsn`.
+    /// The consistent point of the snapshot the rows are read under;
+    /// repairs carry it as `_lsn`.
     stamp: Lsn,
     opts: &'a ReconcileOptions,
 }
@@ -175,14 +177,14 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     }
     let pg = PgClient::connect(&prepared.info).await?;
     let c = pg.client();
-    // Repairs are stamped with a position no later than the rows read.
-    let stamp: Lsn = c
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .try_get::<_, String>(0)?
-        .parse()?;
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
+    // The rows and the stamp come from one exported snapshot: the stamp is
+    // the snapshot's consistent point, so every transaction below it is in
+    // the rows and none above. (pg_current_wal_lsn() before the read could
+    // pass a commit already streamed to the graph but not yet visible —
+    // one waiting on a synchronous standby — and the repair would write the
+    // older row with a newer stamp.)
+    let temp_slot = format!("walgraph_reconcile_{}", std::process::id());
+    let stamp: Lsn = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
     let catalog = pg.catalog(&tables).await?;
     let mapper = Mapper::new(Arc::clone(&mapping));
     let cx = Ctx {
