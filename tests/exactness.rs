@@ -8,6 +8,40 @@ use walgraph::commands::snapshot::{snapshot, SnapshotOptions};
 
 use crate::support::{eventually, url_as, Fixture, SERVICES};
 
+/// A whole snapshot in chunks of 100 rows.
+async fn take_snapshot(
+    cfg: &walgraph::config::Config,
+) -> walgraph::commands::snapshot::SnapshotReport {
+    snapshot(
+        cfg,
+        &SnapshotOptions {
+            chunk_rows: 100,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)))
+}
+
+/// Reconciles every table in chunks of 100 rows, repairing or not.
+async fn reconcile_all(
+    cfg: &walgraph::config::Config,
+    repair: bool,
+) -> Vec<walgraph::commands::reconcile::TableReport> {
+    reconcile(
+        cfg,
+        &ReconcileOptions {
+            table: None,
+            repair,
+            chunk_rows: 100,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reconcile: {}", walgraph::error_sentence(&e)))
+}
+
 /// A superuser whose sessions default to other output formats than walgraph
 /// reads: as if the database had been configured so.
 async fn role_with_other_formats(fx: &Fixture) -> (String, String) {
@@ -40,16 +74,7 @@ async fn a_snapshot_under_other_server_formats_stores_what_streaming_stores() {
     let (role, password) = role_with_other_formats(&fx).await;
     fx.config.postgres.url = Some(url_as(&fx.env.pg_url, &role, Some(&password)));
     fx.setup().await;
-    snapshot(
-        &fx.config,
-        &SnapshotOptions {
-            chunk_rows: 100,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("snapshot");
+    take_snapshot(&fx.config).await;
     let run = fx.start();
     // The same values again, streamed.
     fx.sql(
@@ -86,17 +111,7 @@ async fn a_snapshot_under_other_server_formats_stores_what_streaming_stores() {
         "an interval is a duration: {}",
         rows[0]
     );
-    let reports = reconcile(
-        &fx.config,
-        &ReconcileOptions {
-            table: None,
-            repair: false,
-            chunk_rows: 100,
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("reconcile");
+    let reports = reconcile_all(&fx.config, false).await;
     assert!(
         reports.iter().all(|r| !r.differs()),
         "reconcile right after the snapshot finds nothing: {reports:?}"
@@ -259,16 +274,7 @@ async fn generated_columns_never_stop_run_and_map_the_same_in_snapshot_and_strea
     )
     .await;
     fx.setup().await;
-    snapshot(
-        &fx.config,
-        &SnapshotOptions {
-            chunk_rows: 100,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("snapshot");
+    take_snapshot(&fx.config).await;
     let run = fx.start();
     fx.sql(
         "INSERT INTO {s}.lines (id, qty, price) VALUES (2, 2, 3.5);
@@ -467,17 +473,7 @@ async fn a_graph_behind_the_slot_stops_run_until_it_is_repaired() {
         "{why}"
     );
     assert_eq!(count().await, 1, "nothing streamed over the gap");
-    let reports = reconcile(
-        &fx.config,
-        &ReconcileOptions {
-            table: None,
-            repair: true,
-            chunk_rows: 100,
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("repair");
+    let reports = reconcile_all(&fx.config, true).await;
     assert!(reports.iter().any(|r| r.missing_count == 1), "{reports:?}");
     let run = fx.start();
     fx.sql("INSERT INTO {s}.items VALUES (3, 'c')").await;
@@ -501,12 +497,7 @@ async fn a_snapshot_taken_for_an_earlier_slot_of_the_same_name_does_not_count() 
     )
     .await;
     fx.setup().await;
-    let opts = SnapshotOptions {
-        chunk_rows: 100,
-        restart: false,
-        progress_bar: false,
-    };
-    let first = snapshot(&fx.config, &opts).await.expect("snapshot");
+    let first = take_snapshot(&fx.config).await;
     assert_eq!(first.rows, 3);
     // The slot dropped and made again; a row written while there was none.
     fx.pg
@@ -522,7 +513,7 @@ async fn a_snapshot_taken_for_an_earlier_slot_of_the_same_name_does_not_count() 
         lines.iter().any(|l| l.contains("does not count")),
         "setup says the old snapshot does not count: {lines:?}"
     );
-    let again = snapshot(&fx.config, &opts).await.expect("snapshot again");
+    let again = take_snapshot(&fx.config).await;
     assert!(!again.already_done, "copied again, not 'already complete'");
     assert_eq!(again.rows, 4);
     let run = fx.start();
@@ -600,16 +591,7 @@ async fn a_repair_never_writes_back_a_row_older_than_the_graph() {
     )
     .await;
     fx.setup().await;
-    snapshot(
-        &fx.config,
-        &SnapshotOptions {
-            chunk_rows: 100,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .expect("snapshot");
+    take_snapshot(&fx.config).await;
     let run = fx.start();
     let value =
         || async { fx.cypher("MATCH (n:{p}Item {id: 1}) RETURN n.v AS v").await[0]["v"].clone() };
@@ -628,22 +610,16 @@ async fn a_repair_never_writes_back_a_row_older_than_the_graph() {
     // A repair now must not read the row as it was and stamp it newer.
     let cfg = fx.config.clone();
     let repair = tokio::spawn(async move {
-        reconcile(
-            &cfg,
-            &ReconcileOptions {
-                table: None,
-                repair: true,
-                chunk_rows: 100,
-                progress_bar: false,
-            },
-        )
-        .await
-        .map(|reports| reports.iter().map(|r| r.changed_count).sum::<u64>())
+        reconcile_all(&cfg, true)
+            .await
+            .iter()
+            .map(|r| r.changed_count)
+            .sum::<u64>()
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
     hold.release().await;
     waiting.await.expect("join").expect("the update commits");
-    let changed = repair.await.expect("join").expect("reconcile");
+    let changed = repair.await.expect("join");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         value().await,

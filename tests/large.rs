@@ -19,6 +19,19 @@ label = "{p}Item"
 
 const ROWS: i64 = 20_000;
 
+/// One transaction: 20,000 inserts, then 10,000 updates and 2,000 deletes
+/// of the rows it inserted (32,000 changes, 64 batches of 500).
+async fn big_transaction(fx: &Fixture) {
+    fx.sql(&format!(
+        "BEGIN;
+         INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series(1, {ROWS}) g ORDER BY g;
+         UPDATE {{s}}.items SET val = id WHERE id % 2 = 0;
+         DELETE FROM {{s}}.items WHERE id % 10 = 3;
+         COMMIT;"
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_larger_than_a_batch_survives_sigkill_in_its_middle_exactly_once() {
     let _shared = SERVICES.read().await;
@@ -29,16 +42,7 @@ async fn a_transaction_larger_than_a_batch_survives_sigkill_in_its_middle_exactl
     let mut child = fx.spawn(&["--config", &config, "run"]);
     let before = fx.wal_lsn().await;
 
-    // One transaction: 20,000 inserts, then 10,000 updates and 2,000 deletes
-    // of the rows it inserted (32,000 changes, 64 batches of 500).
-    fx.sql(&format!(
-        "BEGIN;
-         INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series(1, {ROWS}) g ORDER BY g;
-         UPDATE {{s}}.items SET val = id WHERE id % 2 = 0;
-         DELETE FROM {{s}}.items WHERE id % 10 = 3;
-         COMMIT;"
-    ))
-    .await;
+    big_transaction(&fx).await;
     let txn_end = fx.wal_lsn().await;
 
     // Kill walgraph once the graph holds part of the transaction.
@@ -137,14 +141,7 @@ async fn progress_inside_a_split_transaction_survives_a_second_sigkill() {
         (n == vec![json!({"n": 1})] && fx.checkpoint().await.is_some()).then_some(())
     })
     .await;
-    fx.sql(&format!(
-        "BEGIN;
-         INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series(1, {ROWS}) g ORDER BY g;
-         UPDATE {{s}}.items SET val = id WHERE id % 2 = 0;
-         DELETE FROM {{s}}.items WHERE id % 10 = 3;
-         COMMIT;"
-    ))
-    .await;
+    big_transaction(&fx).await;
 
     // First kill, during the inserts.
     let _ = eventually(

@@ -167,7 +167,7 @@ pub async fn peek(
     let slot = match &opts.slot {
         Some(s) => s.clone(),
         None => {
-            let name = format!("walgraph_peek_{}", std::process::id());
+            let name = format!("walgraph_peek_{}_{}", std::process::id(), fastrand::u32(..));
             stream
                 .command(&format!(
                     "CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput"

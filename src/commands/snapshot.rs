@@ -115,7 +115,11 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     };
     let resumed = state.rows > 0 || !state.tables_done.is_empty();
 
-    let temp_slot = format!("walgraph_snapshot_{}", std::process::id());
+    let temp_slot = format!(
+        "walgraph_snapshot_{}_{}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
     let reader = PgClient::connect(&prepared.info).await?;
     let c = reader.client();
 

@@ -184,7 +184,9 @@ async fn prepare_checks(
 /// (a restored or edited graph, `peek --confirm`) gets there.
 pub fn graph_behind_slot(checkpoint: Option<Lsn>, confirmed: Option<Lsn>) -> Option<(Lsn, Lsn)> {
     match (checkpoint, confirmed) {
-        (Some(c), Some(f)) if c < f => Some((c, f)),
+        // A checkpoint at 0/0 holds only a transaction applied in part,
+        // written before walgraph seeded new checkpoints at the slot's start.
+        (Some(c), Some(f)) if c > Lsn::ZERO && c < f => Some((c, f)),
         _ => None,
     }
 }

@@ -47,7 +47,14 @@ pub(super) async fn stream_once(
 ) -> Result<(), RunError> {
     let checkpoint = match (&p.sink, replay) {
         (_, Some(r)) => Checkpoint::at(r.from),
-        (Some(sink), None) => sink.read_checkpoint().await?.unwrap_or_default(),
+        // Without a checkpoint yet, the graph starts where the slot does:
+        // Postgres sends nothing from before its confirmed position, and the
+        // first checkpoint written (even one inside a transaction) is then
+        // never below it.
+        (Some(sink), None) => sink
+            .read_checkpoint()
+            .await?
+            .unwrap_or_else(|| Checkpoint::at(p.confirmed_flush.unwrap_or(Lsn::ZERO))),
         (None, None) => Checkpoint::default(),
     };
     // What Postgres is told: nothing during a replay (the slot stays where

@@ -183,7 +183,11 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     // pass a commit already streamed to the graph but not yet visible —
     // one waiting on a synchronous standby — and the repair would write the
     // older row with a newer stamp.)
-    let temp_slot = format!("walgraph_reconcile_{}", std::process::id());
+    let temp_slot = format!(
+        "walgraph_reconcile_{}_{}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
     let stamp: Lsn = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
     let catalog = pg.catalog(&tables).await?;
     let mapper = Mapper::new(Arc::clone(&mapping));
