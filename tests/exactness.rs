@@ -8,6 +8,16 @@ use walgraph::commands::snapshot::{snapshot, SnapshotOptions};
 
 use crate::support::{eventually, url_as, Fixture, SERVICES};
 
+/// One table `items (id)` mapped to `{p}Item`, set up, and a config file
+/// with that mapping for a `walgraph` child process.
+async fn items_with_config_file(name: &str) -> (Fixture, std::path::PathBuf) {
+    const MAPPING: &str = "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n";
+    let fx = Fixture::new("CREATE TABLE {s}.items (id int PRIMARY KEY);", MAPPING).await;
+    fx.setup().await;
+    let config = fx.config_file(name, "", MAPPING);
+    (fx, config)
+}
+
 /// A whole snapshot in chunks of 100 rows.
 async fn take_snapshot(
     cfg: &walgraph::config::Config,
@@ -126,17 +136,7 @@ async fn a_snapshot_under_other_server_formats_stores_what_streaming_stores() {
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_written_to_a_pipe_carry_no_colour_codes() {
     let _shared = SERVICES.read().await;
-    let fx = Fixture::new(
-        "CREATE TABLE {s}.items (id int PRIMARY KEY);",
-        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
-    )
-    .await;
-    fx.setup().await;
-    let config = fx.config_file(
-        "log.toml",
-        "",
-        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
-    );
+    let (fx, config) = items_with_config_file("log.toml").await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
         .args(["--config", &config.to_string_lossy(), "status"])
         .envs(fx.env.vars())
@@ -210,17 +210,7 @@ to = { label = "{p}User", columns = ["user_id"] }
 #[tokio::test(flavor = "multi_thread")]
 async fn peek_never_turns_two_phase_decoding_on_for_walgraphs_slot() {
     let _shared = SERVICES.read().await;
-    let fx = Fixture::new(
-        "CREATE TABLE {s}.items (id int PRIMARY KEY);",
-        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
-    )
-    .await;
-    fx.setup().await;
-    let config = fx.config_file(
-        "peek.toml",
-        "",
-        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
-    );
+    let (fx, config) = items_with_config_file("peek.toml").await;
     let config = config.to_string_lossy().into_owned();
     let out = fx
         .walgraph(&[
