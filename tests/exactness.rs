@@ -379,9 +379,9 @@ async fn run_stops(run: crate::support::Running, what: &str) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_mapped_table_renamed_or_dropped_while_running_stops_run_with_a_sentence() {
-    let _shared = SERVICES.read().await;
+/// Tables `a` and `quiet`, mapped, with `run` streaming and one row of `a`
+/// in the graph.
+async fn two_tables_streaming() -> (Fixture, crate::support::Running) {
     let fx = Fixture::new(
         "CREATE TABLE {s}.a (id int PRIMARY KEY); CREATE TABLE {s}.quiet (id int PRIMARY KEY);",
         "[[node]]\ntable = \"{s}.a\"\nlabel = \"{p}A\"\n\
@@ -395,6 +395,13 @@ async fn a_mapped_table_renamed_or_dropped_while_running_stops_run_with_a_senten
         (fx.cypher("MATCH (n:{p}A) RETURN n.id AS id").await.len() == 1).then_some(())
     })
     .await;
+    (fx, run)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_table_renamed_or_dropped_while_running_stops_run_with_a_sentence() {
+    let _shared = SERVICES.read().await;
+    let (fx, run) = two_tables_streaming().await;
     let before = fx.wal_lsn().await;
     fx.sql("ALTER TABLE {s}.a RENAME TO b; INSERT INTO {s}.b VALUES (2);")
         .await;
@@ -407,19 +414,7 @@ async fn a_mapped_table_renamed_or_dropped_while_running_stops_run_with_a_senten
     fx.cleanup().await;
 
     // A quiet mapped table dropped: no change ever arrives, the catalog says so.
-    let fx = Fixture::new(
-        "CREATE TABLE {s}.a (id int PRIMARY KEY); CREATE TABLE {s}.quiet (id int PRIMARY KEY);",
-        "[[node]]\ntable = \"{s}.a\"\nlabel = \"{p}A\"\n\
-         [[node]]\ntable = \"{s}.quiet\"\nlabel = \"{p}Quiet\"\n",
-    )
-    .await;
-    fx.setup().await;
-    let run = fx.start();
-    fx.sql("INSERT INTO {s}.a VALUES (1)").await;
-    eventually(Duration::from_secs(30), "the first row", || async {
-        (fx.cypher("MATCH (n:{p}A) RETURN n.id AS id").await.len() == 1).then_some(())
-    })
-    .await;
+    let (fx, run) = two_tables_streaming().await;
     fx.sql("DROP TABLE {s}.quiet").await;
     let why = run_stops(run, "a dropped quiet table").await;
     assert!(why.contains("was dropped"), "{why}");
