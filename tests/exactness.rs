@@ -614,3 +614,157 @@ async fn a_repair_never_writes_back_a_row_older_than_the_graph() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+/// Accounts and orders (`{fk}`: the foreign key's clause, or nothing),
+/// snapshot with `writes` committed after `accounts` is copied and before
+/// `orders` is, then streamed to the end. Returns the fixture, still set up.
+async fn snapshot_with_writes_between_tables(fk: &str, writes: &[&str]) -> Fixture {
+    let fx = Fixture::new(
+        &format!(
+            "CREATE TABLE {{s}}.accounts (id int PRIMARY KEY, name text);
+             CREATE TABLE {{s}}.orders (id int PRIMARY KEY, account_id int {fk});
+             INSERT INTO {{s}}.accounts SELECT g, 'first' FROM generate_series(1, 10) g;
+             INSERT INTO {{s}}.orders SELECT g, g FROM generate_series(1, 4) g;"
+        ),
+        "[[node]]\ntable = \"{s}.accounts\"\nlabel = \"{p}Account\"\n\
+         [[node]]\ntable = \"{s}.orders\"\nlabel = \"{p}Order\"\n\
+         [[relationship]]\ntable = \"{s}.orders\"\ntype = \"{p}PLACED_BY\"\n\
+         from = { label = \"{p}Order\", columns = [\"id\"] }\n\
+         to = { label = \"{p}Account\", columns = [\"account_id\"] }\n",
+    )
+    .await;
+    fx.setup().await;
+    // Neo4j holds the accounts chunk's write (a key it MERGEs is locked by
+    // an open transaction) after the chunk was read: its consistent point
+    // is fixed, the orders chunk's is not yet taken.
+    let mut lock = fx.graph.start_txn().await.expect("a Neo4j transaction");
+    lock.run(neo4rs::query(&format!(
+        "MERGE (:{}Account {{id: 5}})",
+        fx.prefix
+    )))
+    .await
+    .expect("lock account 5");
+    let cfg = fx.config.clone();
+    let copy = tokio::spawn(async move { take_snapshot(&cfg).await });
+    let watcher = crate::support::graph(&fx.env).await;
+    eventually(
+        Duration::from_secs(30),
+        "the accounts chunk waiting for its lock",
+        || async {
+            let mut rows = watcher
+                .execute(neo4rs::query(
+                    "SHOW TRANSACTIONS YIELD currentQuery, status \
+                     WHERE status STARTS WITH 'Blocked' RETURN currentQuery",
+                ))
+                .await
+                .ok()?;
+            let row = rows.next().await.ok()??;
+            let q: String = row.get("currentQuery").ok()?;
+            q.contains("Account").then_some(())
+        },
+    )
+    .await;
+    for sql in writes {
+        fx.sql(sql).await;
+    }
+    lock.rollback().await.expect("release account 5");
+    copy.await.expect("the snapshot");
+    let end = fx.wal_lsn().await;
+    let run = fx.start();
+    eventually(Duration::from_secs(60), "the stream applied", || async {
+        fx.checkpoint().await.filter(|c| *c >= end)
+    })
+    .await;
+    run.stop().await;
+    fx
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_node_never_removes_a_foreign_key_edge_newer_than_the_delete() {
+    let _shared = SERVICES.read().await;
+    let placed_by_5 = "MATCH (:{p}Order {id: 20000})-[r:{p}PLACED_BY]->(a:{p}Account {id: 5}) \
+                       RETURN a.name AS name, count(r) AS n";
+    // Account 5 deleted and inserted again, and an order placed by it,
+    // between the two tables' copies.
+    let fx = snapshot_with_writes_between_tables(
+        "REFERENCES {s}.accounts",
+        &[
+            "DELETE FROM {s}.accounts WHERE id = 5",
+            "INSERT INTO {s}.accounts VALUES (5, 'again')",
+            "INSERT INTO {s}.orders VALUES (20000, 5)",
+        ],
+    )
+    .await;
+    let edge = fx.cypher(placed_by_5).await;
+    assert_eq!(
+        edge,
+        vec![serde_json::json!({"name": "again", "n": 1})],
+        "after a delete"
+    );
+    let reports = reconcile_all(&fx.config, false).await;
+    assert!(reports.iter().all(|r| !r.differs()), "{reports:?}");
+    fx.cleanup().await;
+    // The same across a TRUNCATE of the accounts alone (no foreign key
+    // constraint): every order keeps its edge to its account.
+    let fx = snapshot_with_writes_between_tables(
+        "",
+        &[
+            "TRUNCATE {s}.accounts",
+            "INSERT INTO {s}.accounts SELECT g, 'again' FROM generate_series(1, 10) g",
+            "INSERT INTO {s}.orders VALUES (20000, 5)",
+        ],
+    )
+    .await;
+    assert_eq!(
+        fx.cypher(placed_by_5).await,
+        vec![serde_json::json!({"name": "again", "n": 1})],
+        "after a TRUNCATE"
+    );
+    let edges = fx
+        .cypher("MATCH (:{p}Order)-[r:{p}PLACED_BY]->(:{p}Account {name: 'again'}) RETURN count(r) AS n")
+        .await;
+    assert_eq!(edges[0]["n"], 5, "orders 1 to 4 and 20000");
+    let reports = reconcile_all(&fx.config, false).await;
+    assert!(reports.iter().all(|r| !r.differs()), "{reports:?}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_sharing_edges_and_self_loops_are_deleted_in_one_statement() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.people (id int PRIMARY KEY, boss int REFERENCES {s}.people);",
+        "[[node]]\ntable = \"{s}.people\"\nlabel = \"{p}Person\"\n\
+         [[relationship]]\ntable = \"{s}.people\"\ntype = \"{p}REPORTS_TO\"\n\
+         from = { label = \"{p}Person\", columns = [\"id\"] }\n\
+         to = { label = \"{p}Person\", columns = [\"boss\"] }\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    fx.sql("INSERT INTO {s}.people VALUES (1, 1), (2, 1), (3, 2), (4, 2)")
+        .await;
+    let count = || async {
+        fx.cypher("MATCH (n:{p}Person) RETURN count(n) AS n").await[0]["n"]
+            .as_i64()
+            .unwrap_or(-1)
+    };
+    eventually(Duration::from_secs(30), "four people", || async {
+        (count().await == 4).then_some(())
+    })
+    .await;
+    // One transaction: one delete statement whose rows share edges, one of
+    // them a self-loop.
+    fx.sql("DELETE FROM {s}.people WHERE id IN (3, 4); DELETE FROM {s}.people")
+        .await;
+    eventually(Duration::from_secs(30), "nobody left", || async {
+        (count().await == 0).then_some(())
+    })
+    .await;
+    let rels = fx
+        .cypher("MATCH ()-[r:{p}REPORTS_TO]->() RETURN count(r) AS n")
+        .await;
+    assert_eq!(rels[0]["n"], 0);
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -101,14 +101,31 @@ pub fn ensure_end_nodes(
     )
 }
 
-/// Delete nodes with their relationships: rows `{k, lsn}`.
+/// Detach `n` (matched, guard passed) from its relationships not newer
+/// than `row.lsn`, then delete it, or keep it as a placeholder (its key
+/// alone, no `_lsn`) where a newer relationship holds it.
+fn detach_older(key_props: &[std::sync::Arc<str>]) -> String {
+    let key: Vec<String> = key_props.iter().map(|p| format!(".{}", quote(p))).collect();
+    format!(
+        "OPTIONAL MATCH (n)-[r]-() WHERE {} DELETE r WITH DISTINCT n, row \
+         FOREACH (_ IN CASE WHEN EXISTS {{ (n)--() }} THEN [1] ELSE [] END | SET n = n {{{}}}) \
+         WITH n WHERE NOT EXISTS {{ (n)--() }} DELETE n",
+        guard("r"),
+        key.join(", ")
+    )
+}
+
+/// Delete nodes with their relationships: rows `{k, lsn}`. A relationship
+/// newer than the delete (stamped by a snapshot chunk or a repair after
+/// it) stays, and keeps the node as a placeholder.
 pub fn delete_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
-        "{PREFIX}UNWIND $rows AS row MATCH (n:{} {}){} WHERE {} DETACH DELETE n",
+        "{PREFIX}UNWIND $rows AS row MATCH (n:{} {}){} WHERE {} {}",
         quote(label),
         key_pattern(key_props, "k"),
         index_hint("n", label, key_props),
-        guard("n")
+        guard("n"),
+        detach_older(key_props)
     )
 }
 
@@ -208,14 +225,25 @@ pub fn delete_edges_by_key(rel_type: &str, key_cols: &[String]) -> String {
     )
 }
 
-/// Delete every node of a label (TRUNCATE).
-pub fn truncate_label(label: &str) -> String {
-    format!("{PREFIX}MATCH (n:{}) DETACH DELETE n", quote(label))
+/// Delete every node of a label (TRUNCATE) as `delete_nodes` deletes one:
+/// one row `{lsn}`.
+pub fn truncate_label(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    format!(
+        "{PREFIX}UNWIND $rows AS row MATCH (n:{}) WHERE {} {}",
+        quote(label),
+        guard("n"),
+        detach_older(key_props)
+    )
 }
 
-/// Delete every relationship of a type (TRUNCATE).
+/// Delete every relationship of a type not newer than the TRUNCATE: one
+/// row `{lsn}`.
 pub fn truncate_type(rel_type: &str) -> String {
-    format!("{PREFIX}MATCH ()-[r:{}]->() DELETE r", quote(rel_type))
+    format!(
+        "{PREFIX}UNWIND $rows AS row MATCH ()-[r:{}]->() WHERE {} DELETE r",
+        quote(rel_type),
+        guard("r")
+    )
 }
 
 /// Converts a value to its Bolt form. Neo4j properties cannot hold maps or
@@ -298,7 +326,7 @@ mod tests {
             q,
             "CYPHER replan=skip UNWIND $rows AS row MERGE (n:`User` {`id`: row.k[0]}) WITH n, row WHERE (n._lsn IS NULL OR n._lsn <= row.lsn) SET n += row.p, n._lsn = row.lsn"
         );
-        assert!(truncate_label("a`b").contains("`a``b`"));
+        assert!(truncate_label("a`b", &[Arc::from("id")]).contains("`a``b`"));
     }
 
     #[test]

@@ -101,8 +101,12 @@ pub fn describe(op: &GraphOp, mapping: &Mapping) -> (String, String, Option<Lsn>
             },
             Some(*lsn),
         ),
-        GraphOp::TruncateLabel { label } => (table_of_label(label), "(all rows)".into(), None),
-        GraphOp::TruncateType { rel_type } => (table_of_type(rel_type), "(all rows)".into(), None),
+        GraphOp::TruncateLabel { label, lsn } => {
+            (table_of_label(label), "(all rows)".into(), Some(*lsn))
+        }
+        GraphOp::TruncateType { rel_type, lsn } => {
+            (table_of_type(rel_type), "(all rows)".into(), Some(*lsn))
+        }
     };
     (
         table.unwrap_or_else(|| "an unmapped table".into()),
@@ -184,7 +188,9 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
                 ("p", cypher::props_map(&props)),
                 ("lsn", lsn(l)),
             ]),
-            GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => continue,
+            GraphOp::TruncateLabel { lsn: l, .. } | GraphOp::TruncateType { lsn: l, .. } => {
+                cypher::row(vec![("lsn", lsn(l))])
+            }
         };
         rows.push(row);
     }
@@ -245,8 +251,10 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
                 edge_key,
             )
         }
-        GraphOp::TruncateLabel { label } => cypher::truncate_label(label),
-        GraphOp::TruncateType { rel_type } => cypher::truncate_type(rel_type),
+        GraphOp::TruncateLabel { label, .. } => {
+            cypher::truncate_label(label, lookup.key_props(label))
+        }
+        GraphOp::TruncateType { rel_type, .. } => cypher::truncate_type(rel_type),
     };
     Some(Statement { cypher, rows })
 }

@@ -6,6 +6,8 @@
 //!   removes the property;
 //! - a change of a row's key deletes the node under the old key and upserts
 //!   it under the new one;
+//! - a delete or TRUNCATE never removes what is newer than it: a
+//!   relationship stamped after it keeps its end as a placeholder;
 //! - a NULL (or partly NULL) foreign key means no relationship;
 //! - every operation carries the commit LSN of its transaction.
 
@@ -103,7 +105,9 @@ pub enum GraphOp {
         /// Commit LSN.
         lsn: Lsn,
     },
-    /// Delete a node and its relationships.
+    /// Delete a node and its relationships not newer than `lsn`; a node
+    /// that keeps a newer relationship (one a snapshot chunk or a repair
+    /// stamped after the delete) stays as a placeholder.
     DeleteNode {
         /// The node.
         node: NodeRef,
@@ -174,15 +178,22 @@ pub enum GraphOp {
         /// Commit LSN of the coalesced-away edge.
         lsn: Lsn,
     },
-    /// Delete every node with a label (TRUNCATE of a node table).
+    /// Delete every node with a label (TRUNCATE of a node table), as
+    /// `DeleteNode` does each: nodes and relationships newer than `lsn`
+    /// stay.
     TruncateLabel {
         /// Label.
         label: Arc<str>,
+        /// Commit LSN.
+        lsn: Lsn,
     },
-    /// Delete every relationship of a type (TRUNCATE of a join table).
+    /// Delete every relationship of a type (TRUNCATE of a join table) not
+    /// newer than `lsn`.
     TruncateType {
         /// Relationship type.
         rel_type: Arc<str>,
+        /// Commit LSN.
+        lsn: Lsn,
     },
 }
 
@@ -366,6 +377,7 @@ impl Mapper {
             }
             Op::Truncate => out.push(GraphOp::TruncateLabel {
                 label: Arc::clone(&node.label),
+                lsn,
             }),
         }
         Ok(())
@@ -385,6 +397,7 @@ impl Mapper {
                 if own.is_none() {
                     out.push(GraphOp::TruncateType {
                         rel_type: Arc::clone(&r.rel_type),
+                        lsn,
                     });
                 }
             }
