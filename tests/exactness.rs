@@ -768,3 +768,70 @@ async fn nodes_sharing_edges_and_self_loops_are_deleted_in_one_statement() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_change_keeps_a_toasted_value_it_did_not_send() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.docs (id int PRIMARY KEY, body text);
+         CREATE TABLE {s}.links (id int PRIMARY KEY, a int, b int, body text);",
+        "[[node]]\ntable = \"{s}.docs\"\nlabel = \"{p}Doc\"\n\
+         [[relationship]]\ntable = \"{s}.links\"\ntype = \"{p}LINKS\"\n\
+         from = { label = \"{p}Doc\", columns = [\"a\"] }\n\
+         to = { label = \"{p}Doc\", columns = [\"b\"] }\n\
+         properties = [\"body\"]\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    // 100 kB of text that does not compress: stored out of line, and not
+    // sent by an update that leaves it alone.
+    let body =
+        "(SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 3200) g)";
+    fx.sql(&format!(
+        "INSERT INTO {{s}}.docs VALUES (1, {body}), (3, 'three'), (4, 'four'), (5, 'five');
+         INSERT INTO {{s}}.links VALUES (10, 3, 4, {body});"
+    ))
+    .await;
+    let stored = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class WHERE oid = '{}.docs'::regclass",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("column size")
+        .get::<_, bool>(0);
+    assert!(stored, "the value is stored out of line");
+    fx.sql("UPDATE {s}.docs SET id = 2 WHERE id = 1").await;
+    fx.sql("UPDATE {s}.links SET b = 5 WHERE id = 10").await;
+    let doc = eventually(Duration::from_secs(30), "doc 2", || async {
+        let rows = fx
+            .cypher("MATCH (n:{p}Doc {id: 2}) RETURN size(n.body) AS len")
+            .await;
+        rows.first().cloned()
+    })
+    .await;
+    assert_eq!(doc["len"], 102_400, "node 2 has the value");
+    let link = eventually(Duration::from_secs(30), "the moved link", || async {
+        let rows = fx
+            .cypher(
+                "MATCH (:{p}Doc {id: 3})-[r:{p}LINKS]->(:{p}Doc {id: 5}) RETURN size(r.body) AS len",
+            )
+            .await;
+        rows.first().cloned()
+    })
+    .await;
+    assert_eq!(link["len"], 102_400, "the moved edge has the value");
+    let ones = fx
+        .cypher("MATCH (n:{p}Doc {id: 1}) RETURN count(n) AS n")
+        .await;
+    assert_eq!(ones[0]["n"], 0);
+    let reports = reconcile_all(&fx.config, false).await;
+    assert!(reports.iter().all(|r| !r.differs()), "{reports:?}");
+    run.stop().await;
+    fx.cleanup().await;
+}

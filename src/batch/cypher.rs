@@ -72,6 +72,30 @@ pub fn upsert_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     )
 }
 
+/// Upsert nodes whose row changed its key: rows `{k, s, sl, p, lsn}`. The
+/// new node first takes every property of the node under the old key `s`
+/// (unless that one is newer than `sl`), with the new key, so a column the
+/// change did not send (an unchanged TOASTed value) keeps its value.
+pub fn move_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    let new_key: Vec<String> = key_props
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}: row.k[{i}]", quote(p)))
+        .collect();
+    format!(
+        "{PREFIX}UNWIND $rows AS row OPTIONAL MATCH (o:{l} {}){} WHERE o._lsn IS NULL OR o._lsn <= row.sl \
+         WITH row, o {{.*, {}}} AS kept \
+         MERGE (n:{l} {}) WITH n, row, kept WHERE {} \
+         SET n += coalesce(kept, {{}}) SET n += row.p, n._lsn = row.lsn",
+        key_pattern(key_props, "s"),
+        index_hint("o", label, key_props),
+        new_key.join(", "),
+        key_pattern(key_props, "k"),
+        guard("n"),
+        l = quote(label),
+    )
+}
+
 /// Create placeholder nodes unless they exist: rows `{k}`.
 pub fn ensure_nodes(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     format!(
@@ -183,10 +207,14 @@ pub fn merge_edges(
             let props = arcs(cols);
             let kp = key_pattern(&props, "k");
             let hint = index_hint("old", rel_type, &props);
+            // The edge moves with its properties: a column the change did
+            // not send (an unchanged TOASTed value) keeps its value.
             format!(
-                "{ends}WITH a, b, row OPTIONAL MATCH (x)-[old:{t} {kp}]->(y){hint} WHERE NOT (x = a AND y = b) AND {} DELETE old \
-                 WITH DISTINCT a, b, row MERGE (a)-[r:{t} {kp}]->(b) WITH r, row WHERE {} \
-                 SET r += row.p, r._lsn = row.lsn",
+                "{ends}WITH a, b, row OPTIONAL MATCH (x)-[old:{t} {kp}]->(y){hint} WHERE NOT (x = a AND y = b) AND {} \
+                 WITH a, b, row, collect(old) AS olds \
+                 WITH a, b, row, olds, [o IN olds | o {{.*}}] AS kept FOREACH (o IN olds | DELETE o) \
+                 MERGE (a)-[r:{t} {kp}]->(b) WITH r, row, kept WHERE {} \
+                 SET r += coalesce(kept[0], {{}}) SET r += row.p, r._lsn = row.lsn",
                 guard("old"),
                 guard("r")
             )

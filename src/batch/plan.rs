@@ -19,6 +19,14 @@ enum EdgeId {
 }
 
 #[derive(Debug, Clone)]
+struct Upsert {
+    node: NodeRef,
+    props: Props,
+    lsn: Lsn,
+    source: Option<(NodeRef, Lsn)>,
+}
+
+#[derive(Debug, Clone)]
 struct EdgeMerge {
     from: NodeRef,
     to: NodeRef,
@@ -30,8 +38,11 @@ struct EdgeMerge {
 /// and edge, run in the fixed statement order.
 #[derive(Debug, Default)]
 pub(super) struct Segment {
-    upserts: Vec<Option<(NodeRef, Props, Lsn)>>,
+    upserts: Vec<Option<Upsert>>,
     upsert_idx: HashMap<NodeRef, usize>,
+    /// Nodes a key change upserts in this segment: a later write of one
+    /// must not join it (its guard would judge the copy at the later LSN).
+    moved: std::collections::HashSet<NodeRef>,
     /// Row-owned edges to set (`SetOwnedRel`), one per type and owner, each
     /// with whether an upsert of its owner came before it in the segment.
     owned: Vec<(GraphOp, bool)>,
@@ -43,6 +54,8 @@ pub(super) struct Segment {
     edge_merge_idx: HashMap<EdgeId, usize>,
     deletes: Vec<(NodeRef, Lsn)>,
     deleted: HashMap<NodeRef, usize>,
+    /// Labels of the nodes deleted in this segment.
+    deleted_labels: std::collections::HashSet<Arc<str>>,
     /// Nodes that a coalesced-away operation would have created as
     /// placeholders; they are created all the same.
     ensure: Vec<NodeRef>,
@@ -70,11 +83,33 @@ impl Segment {
     pub(super) fn conflicts(&self, op: &GraphOp) -> bool {
         let touched = |n: &NodeRef| self.deleted.contains_key(n);
         match op {
-            GraphOp::UpsertNode { node, .. } => touched(node),
+            // A key change reads the old node: neither it nor the new one
+            // may have been written earlier in the segment (the statement
+            // that copies runs before the segment's other upserts).
+            GraphOp::UpsertNode {
+                node,
+                source: Some((old, _)),
+                ..
+            } => {
+                touched(node)
+                    || touched(old)
+                    || self.upsert_idx.contains_key(node)
+                    || self.upsert_idx.contains_key(old)
+            }
+            GraphOp::UpsertNode { node, .. } => touched(node) || self.moved.contains(node),
             GraphOp::SetOwnedRel { own, other, .. } => {
                 touched(own) || other.as_ref().is_some_and(touched)
             }
-            GraphOp::MergeEdge { from, to, .. } => touched(from) || touched(to),
+            // An edge with key identity may move, taking its properties from
+            // wherever it is: the delete of a node of either end's label
+            // (which runs later in the segment) may have removed it.
+            GraphOp::MergeEdge { from, to, key, .. } => {
+                touched(from)
+                    || touched(to)
+                    || (!key.0.is_empty()
+                        && (self.deleted_labels.contains(&from.label)
+                            || self.deleted_labels.contains(&to.label)))
+            }
             GraphOp::DeleteNode { .. }
             | GraphOp::DeleteEdge { .. }
             | GraphOp::EnsureNode { .. }
@@ -93,22 +128,37 @@ impl Segment {
         match op {
             GraphOp::EnsureNode { node } => self.ensure(&node),
             op @ GraphOp::EnsureEndOf { .. } => self.ensure_if.push(op),
-            GraphOp::UpsertNode { node, props, lsn } => match self.upsert_idx.get(&node) {
+            GraphOp::UpsertNode {
+                node,
+                props,
+                lsn,
+                source,
+            } => match self.upsert_idx.get(&node) {
                 Some(&i) => {
+                    // Later writes of the same node coalesce (never into or
+                    // onto a key change: those open a new segment).
                     let Some(entry) = self.upserts[i].as_mut() else {
                         return;
                     };
                     for (name, v) in props {
-                        match entry.1.iter_mut().find(|(n, _)| *n == name) {
+                        match entry.props.iter_mut().find(|(n, _)| *n == name) {
                             Some(slot) => slot.1 = v,
-                            None => entry.1.push((name, v)),
+                            None => entry.props.push((name, v)),
                         }
                     }
-                    entry.2 = entry.2.max(lsn);
+                    entry.lsn = entry.lsn.max(lsn);
                 }
                 None => {
+                    if source.is_some() {
+                        self.moved.insert(node.clone());
+                    }
                     self.upsert_idx.insert(node.clone(), self.upserts.len());
-                    self.upserts.push(Some((node, props, lsn)));
+                    self.upserts.push(Some(Upsert {
+                        node,
+                        props,
+                        lsn,
+                        source,
+                    }));
                 }
             },
             GraphOp::DeleteNode { node, lsn } => {
@@ -119,6 +169,7 @@ impl Segment {
                 match self.deleted.get(&node) {
                     Some(&i) => self.deletes[i].1 = self.deletes[i].1.max(lsn),
                     None => {
+                        self.deleted_labels.insert(Arc::clone(&node.label));
                         self.deleted.insert(node.clone(), self.deletes.len());
                         self.deletes.push((node, lsn));
                     }
@@ -183,10 +234,9 @@ impl Segment {
                         if m.from != from || m.to != to {
                             // The edge moves: one by one, the first merge left
                             // its ends (placeholders, maybe) and the second
-                            // makes a new edge with only its own properties.
+                            // moves the edge with its properties.
                             let prev_from = std::mem::replace(&mut m.from, from);
                             let prev_to = std::mem::replace(&mut m.to, to);
-                            m.props.clear();
                             self.ensure(&prev_from);
                             self.ensure(&prev_to);
                         }
@@ -267,14 +317,27 @@ impl Segment {
             }
         }
         out.extend(groups.into_inner());
-        // 1. node upserts, by label (voided entries were deleted later).
-        let mut groups: Groups<Arc<str>> = Groups::default();
-        for (node, props, lsn) in self.upserts.into_iter().flatten() {
-            groups.push(
-                Arc::clone(&node.label),
-                GraphOp::UpsertNode { node, props, lsn },
+        // 1. node upserts, by label, key changes first (voided entries were
+        //    deleted later).
+        let mut groups: Groups<(bool, Arc<str>)> = Groups::default();
+        let mut moves: Groups<(bool, Arc<str>)> = Groups::default();
+        for u in self.upserts.into_iter().flatten() {
+            let to = if u.source.is_some() {
+                &mut moves
+            } else {
+                &mut groups
+            };
+            to.push(
+                (u.source.is_some(), Arc::clone(&u.node.label)),
+                GraphOp::UpsertNode {
+                    node: u.node,
+                    props: u.props,
+                    lsn: u.lsn,
+                    source: u.source,
+                },
             );
         }
+        out.extend(moves.into_inner());
         out.extend(groups.into_inner());
         let mut groups: Groups<Arc<str>> = Groups::default();
         for node in self.ensure {

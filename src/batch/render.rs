@@ -127,11 +127,19 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
                 node,
                 props,
                 lsn: l,
-            } => cypher::row(vec![
-                ("k", cypher::key_list(&node.key)),
-                ("p", cypher::props_map(&props)),
-                ("lsn", lsn(l)),
-            ]),
+                source,
+            } => {
+                let mut fields = vec![
+                    ("k", cypher::key_list(&node.key)),
+                    ("p", cypher::props_map(&props)),
+                    ("lsn", lsn(l)),
+                ];
+                if let Some((old, sl)) = source {
+                    fields.push(("s", cypher::key_list(&old.key)));
+                    fields.push(("sl", lsn(sl)));
+                }
+                cypher::row(fields)
+            }
             GraphOp::DeleteNode { node, lsn: l } => {
                 cypher::row(vec![("k", cypher::key_list(&node.key)), ("lsn", lsn(l))])
             }
@@ -195,8 +203,11 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
         rows.push(row);
     }
     let cypher = match first {
+        GraphOp::UpsertNode {
+            node, source: None, ..
+        } => cypher::upsert_nodes(&node.label, lookup.key_props(&node.label)),
         GraphOp::UpsertNode { node, .. } => {
-            cypher::upsert_nodes(&node.label, lookup.key_props(&node.label))
+            cypher::move_nodes(&node.label, lookup.key_props(&node.label))
         }
         GraphOp::DeleteNode { node, .. } => {
             cypher::delete_nodes(&node.label, lookup.key_props(&node.label))

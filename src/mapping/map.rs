@@ -5,7 +5,8 @@
 //!   left out of the operation (so the graph keeps its value), a NULL column
 //!   removes the property;
 //! - a change of a row's key deletes the node under the old key and upserts
-//!   it under the new one;
+//!   it under the new one, which takes the old node's properties first (an
+//!   unchanged TOASTed column is not in the change);
 //! - a delete or TRUNCATE never removes what is newer than it: a
 //!   relationship stamped after it keeps its end as a placeholder;
 //! - a NULL (or partly NULL) foreign key means no relationship;
@@ -104,6 +105,11 @@ pub enum GraphOp {
         props: Props,
         /// Commit LSN.
         lsn: Lsn,
+        /// On a change of the row's key: the node under the old key, whose
+        /// properties the new node takes first (unless it is newer than the
+        /// LSN given with it), so a value the change did not send (an
+        /// unchanged TOASTed column) comes along.
+        source: Option<(NodeRef, Lsn)>,
     },
     /// Delete a node and its relationships not newer than `lsn`; a node
     /// that keeps a newer relationship (one a snapshot chunk or a repair
@@ -352,21 +358,23 @@ impl Mapper {
                 // Borrowed: the per-change path copies no row.
                 let new: &[Field] = change.new.as_deref().unwrap_or(&[]);
                 let new_key = required_key(rel, new, &node.key_columns, lsn)?;
+                let mut old_key = None;
                 if let Some(old) = &change.old {
-                    if let Some(old_key) = key_of(rel, old, &node.key_columns)? {
-                        if old_key != new_key {
-                            out.push(GraphOp::DeleteNode {
-                                node: node_ref(old_key),
-                                lsn,
-                            });
-                        }
-                    }
+                    old_key = key_of(rel, old, &node.key_columns)?.filter(|k| *k != new_key);
                 }
+                // The new node first, while the old one is there to copy.
                 out.push(GraphOp::UpsertNode {
                     node: node_ref(new_key),
                     props: props_of(rel, new, &node.props)?,
                     lsn,
+                    source: old_key.clone().map(|k| (node_ref(k), lsn)),
                 });
+                if let Some(k) = old_key {
+                    out.push(GraphOp::DeleteNode {
+                        node: node_ref(k),
+                        lsn,
+                    });
+                }
             }
             Op::Delete => {
                 let old: &[Field] = change.old.as_deref().unwrap_or(&[]);
