@@ -684,6 +684,15 @@ impl Graph {
         }
     }
 
+    /// Applies what the batcher holds, as its plan's statements would.
+    fn apply_plan(&mut self, batcher: &mut Batcher) {
+        for group in batcher.take_plan() {
+            for op in &group {
+                self.apply(op);
+            }
+        }
+    }
+
     /// Removes the edges of `gone` not newer than `lsn`, then each node of
     /// `gone`: deleted, or left a placeholder where a newer edge holds it.
     fn detach_older(&mut self, gone: &BTreeSet<NodeId>, lsn: Lsn) {
@@ -898,11 +907,7 @@ fn a_join_edge_deleted_twice_in_a_batch_carries_the_later_delete() {
         }
         batcher.push_transaction(vec![ops], Lsn::new(lsn + 10 + i as u64));
     }
-    for group in batcher.take_plan() {
-        for op in &group {
-            batched.apply(op);
-        }
-    }
+    batched.apply_plan(&mut batcher);
     assert!(
         one_by_one.edges.is_empty(),
         "one by one, the last delete removes it"
@@ -951,18 +956,10 @@ proptest! {
             }
             batcher.push_transaction(groups, Lsn::new(txn * 100 + 10));
             if sim.rng.u8(..4) == 0 {
-                for group in batcher.take_plan() {
-                    for op in &group {
-                        batched.apply(op);
-                    }
-                }
+                batched.apply_plan(&mut batcher);
             }
         }
-        for group in batcher.take_plan() {
-            for op in &group {
-                batched.apply(op);
-            }
-        }
+        batched.apply_plan(&mut batcher);
         if stamped {
             prop_assert_eq!(batched.without_orphans(), one_by_one.without_orphans(), "seed {}", seed);
         } else {
@@ -1038,18 +1035,10 @@ proptest! {
             }
             batcher.push_transaction(groups, Lsn::new(commit.raw() + 10));
             if sim.rng.u8(..4) == 0 {
-                for group in batcher.take_plan() {
-                    for op in &group {
-                        batched.apply(op);
-                    }
-                }
+                batched.apply_plan(&mut batcher);
             }
         }
-        for group in batcher.take_plan() {
-            for op in &group {
-                batched.apply(op);
-            }
-        }
+        batched.apply_plan(&mut batcher);
         prop_assert_eq!(one_by_one.shape(), expected(&sim.db, &m), "seed {}", seed);
         prop_assert_eq!(batched.shape(), one_by_one.shape(), "seed {}", seed);
     }
