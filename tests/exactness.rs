@@ -835,3 +835,33 @@ async fn a_key_change_keeps_a_toasted_value_it_did_not_send() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_neo4j_can_never_apply_is_not_retried_for_ever() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.tags (name text PRIMARY KEY);",
+        "[[node]]\ntable = \"{s}.tags\"\nlabel = \"{p}Tag\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let run = fx.start();
+    // Postgres indexes it compressed; Neo4j's index cannot hold the key.
+    fx.sql("INSERT INTO {s}.tags VALUES (repeat('x', 40000))")
+        .await;
+    let result = tokio::time::timeout(Duration::from_secs(60), run.handle)
+        .await
+        .expect("walgraph must stop, not retry a change that cannot apply")
+        .expect("no panic");
+    let err = result
+        .expect_err("a change that cannot apply is an error")
+        .to_string();
+    assert!(
+        err.contains(&format!("{}.tags", fx.schema))
+            && err.contains("committed at")
+            && err.contains("Neo.DatabaseError"),
+        "{}",
+        &err[..err.len().min(600)]
+    );
+    fx.cleanup().await;
+}

@@ -3,7 +3,9 @@
 //!
 //! Invariants: a batch is reported committed only after Neo4j committed it;
 //! transient failures retry the whole batch with backoff; a change Neo4j
-//! rejects for good stops the pipeline naming it, or becomes a dead letter.
+//! rejects for good (a client error, or a database error that one change
+//! causes) stops the pipeline naming it, or becomes a dead letter; a
+//! database error no single change causes is retried like a transient one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -64,7 +66,7 @@ pub(super) async fn sink_task(
                     tracing::warn!(error = %e, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j write failed, retrying the batch");
                     sleep(wait).await;
                 }
-                Err(SinkError::Rejected(original)) => {
+                Err(failed @ (SinkError::Rejected(_) | SinkError::Database(_))) => {
                     let located = match sink.locate(&batch, &mapping).await {
                         Ok(l) => l,
                         Err(e) if e.is_transient() => continue,
@@ -74,15 +76,28 @@ pub(super) async fn sink_task(
                         }
                     };
                     let Some((group, index, error)) = located else {
-                        let _ = events
-                            .send(SinkEvent::Failed(SinkError::Rejected(original)))
-                            .await;
+                        if let SinkError::Database(_) = failed {
+                            // No single change causes it: Neo4j's own trouble
+                            // (a database stopping), so the batch is retried.
+                            let wait = backoff(attempt);
+                            attempt += 1;
+                            metrics.retries.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %failed, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j failed the write and no single change causes it, retrying the batch");
+                            sleep(wait).await;
+                            continue;
+                        }
+                        let _ = events.send(SinkEvent::Failed(failed)).await;
                         return;
                     };
                     let op = batch.plan[group][index].clone();
                     let (table, key, lsn) = describe(&op, &mapping);
                     let at = lsn.map_or_else(String::new, |l| format!(" committed at {l}"));
                     if on_error == OnError::Stop {
+                        // A key can be huge (that may be why it failed).
+                        let key = match key.char_indices().nth(200) {
+                            Some((end, _)) => format!("{}…", &key[..end]),
+                            None => key,
+                        };
                         let _ = events
                             .send(SinkEvent::Failed(SinkError::Rejected(format!(
                                 "the change to {table} key {key}{at} ({error}); fix the data or the graph, or set neo4j.on_error = \"dead_letter\" to record such changes and go on"

@@ -40,6 +40,11 @@ pub enum SinkError {
     /// Neo4j rejected a statement; retrying will not help.
     #[error("Neo4j rejected the write: {0}")]
     Rejected(String),
+    /// Neo4j failed the write on its side (a `Neo.DatabaseError`, which
+    /// drivers do not retry): for good when one change causes it (a key
+    /// too large for its index), else perhaps not (a database stopping).
+    #[error("Neo4j failed the write: {0}")]
+    Database(String),
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
@@ -62,9 +67,11 @@ impl SinkError {
         match e {
             E::Neo4j(n) => match n.kind() {
                 Neo4jErrorKind::Transient
-                | Neo4jErrorKind::Database
                 | Neo4jErrorKind::Client(Neo4jClientErrorKind::SessionExpired) => {
                     SinkError::Transient(format!("{}: {}", n.code(), n.message()))
+                }
+                Neo4jErrorKind::Database => {
+                    SinkError::Database(format!("{}: {}", n.code(), n.message()))
                 }
                 Neo4jErrorKind::Client(Neo4jClientErrorKind::Security(_)) => SinkError::Auth {
                     user: user.to_string(),
@@ -331,7 +338,9 @@ impl Sink {
                         let e = self.err(e);
                         let _ = txn.rollback().await;
                         return match e {
-                            SinkError::Rejected(msg) => Ok(Some((gi, oi, msg))),
+                            SinkError::Rejected(msg) | SinkError::Database(msg) => {
+                                Ok(Some((gi, oi, msg)))
+                            }
                             other => Err(other),
                         };
                     }
