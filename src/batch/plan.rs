@@ -40,9 +40,6 @@ struct EdgeMerge {
 pub(super) struct Segment {
     upserts: Vec<Option<Upsert>>,
     upsert_idx: HashMap<NodeRef, usize>,
-    /// Nodes a key change upserts in this segment: a later write of one
-    /// must not join it (its guard would judge the copy at the later LSN).
-    moved: std::collections::HashSet<NodeRef>,
     /// Row-owned edges to set (`SetOwnedRel`), one per type and owner, each
     /// with whether an upsert of its owner came before it in the segment.
     owned: Vec<(GraphOp, bool)>,
@@ -96,7 +93,16 @@ impl Segment {
                     || self.upsert_idx.contains_key(node)
                     || self.upsert_idx.contains_key(old)
             }
-            GraphOp::UpsertNode { node, .. } => touched(node) || self.moved.contains(node),
+            // A later write must not join a key change (its guard would
+            // judge the copy at the later LSN).
+            GraphOp::UpsertNode { node, .. } => {
+                touched(node)
+                    || self
+                        .upsert_idx
+                        .get(node)
+                        .and_then(|&i| self.upserts[i].as_ref())
+                        .is_some_and(|u| u.source.is_some())
+            }
             GraphOp::SetOwnedRel { own, other, .. } => {
                 touched(own) || other.as_ref().is_some_and(touched)
             }
@@ -149,9 +155,6 @@ impl Segment {
                     entry.lsn = entry.lsn.max(lsn);
                 }
                 None => {
-                    if source.is_some() {
-                        self.moved.insert(node.clone());
-                    }
                     self.upsert_idx.insert(node.clone(), self.upserts.len());
                     self.upserts.push(Some(Upsert {
                         node,
@@ -319,8 +322,8 @@ impl Segment {
         out.extend(groups.into_inner());
         // 1. node upserts, by label, key changes first (voided entries were
         //    deleted later).
-        let mut groups: Groups<(bool, Arc<str>)> = Groups::default();
-        let mut moves: Groups<(bool, Arc<str>)> = Groups::default();
+        let mut groups: Groups<Arc<str>> = Groups::default();
+        let mut moves: Groups<Arc<str>> = Groups::default();
         for u in self.upserts.into_iter().flatten() {
             let to = if u.source.is_some() {
                 &mut moves
@@ -328,7 +331,7 @@ impl Segment {
                 &mut groups
             };
             to.push(
-                (u.source.is_some(), Arc::clone(&u.node.label)),
+                Arc::clone(&u.node.label),
                 GraphOp::UpsertNode {
                     node: u.node,
                     props: u.props,

@@ -205,6 +205,17 @@ impl Sim {
         }
     }
 
+    /// A transaction of one to four statements' changes; counts the
+    /// statements in `done`.
+    fn transaction(&mut self, done: &mut usize) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for _ in 0..self.rng.usize(1..=4) {
+            changes.extend(self.step());
+            *done += 1;
+        }
+        changes
+    }
+
     /// One random statement's changes (possibly none, when it cannot apply).
     fn step(&mut self) -> Vec<Change> {
         fn free<V>(m: &BTreeMap<i64, V>) -> Vec<i64> {
@@ -937,12 +948,7 @@ proptest! {
         let mut txn = 0u64;
         let mut done = 0;
         while done < steps {
-            // A transaction of one to four statements.
-            let mut changes = Vec::new();
-            for _ in 0..sim.rng.usize(1..=4) {
-                changes.extend(sim.step());
-                done += 1;
-            }
+            let changes = sim.transaction(&mut done);
             txn += 1;
             let commit = Lsn::new(txn * 100);
             let mut groups = Vec::new();
@@ -991,11 +997,7 @@ proptest! {
         let mut txns: Vec<(Lsn, Vec<Vec<GraphOp>>)> = Vec::new();
         let mut done = 0;
         while done < steps {
-            let mut changes = Vec::new();
-            for _ in 0..sim.rng.usize(1..=4) {
-                changes.extend(sim.step());
-                done += 1;
-            }
+            let changes = sim.transaction(&mut done);
             let commit = Lsn::new((txns.len() as u64 + 1) * 100);
             let mut groups = Vec::new();
             for c in &changes {
