@@ -274,9 +274,9 @@ pub fn truncate_type(rel_type: &str) -> String {
     )
 }
 
-/// Converts a value to its Bolt form. Neo4j properties cannot hold maps or
-/// lists with nulls or mixed types: JSON stays text, and such arrays are
-/// stored as JSON text.
+/// Converts a value to its Bolt form. Neo4j properties cannot hold maps,
+/// lists with nulls or mixed types, or lists of byte arrays: JSON stays
+/// text, and such arrays are stored as JSON text (bytes as hex).
 pub fn to_bolt(v: &Value) -> BoltType {
     match v {
         Value::Null => BoltType::Null(BoltNull),
@@ -305,9 +305,12 @@ pub fn to_bolt(v: &Value) -> BoltType {
             let homogeneous = items
                 .windows(2)
                 .all(|w| std::mem::discriminant(&w[0]) == std::mem::discriminant(&w[1]));
-            let storable = items
-                .iter()
-                .all(|i| !matches!(i, Value::Null | Value::Array(_) | Value::Json(_)));
+            let storable = items.iter().all(|i| {
+                !matches!(
+                    i,
+                    Value::Null | Value::Array(_) | Value::Json(_) | Value::Bytes(_)
+                )
+            });
             if homogeneous && storable {
                 BoltType::List(BoltList::from(
                     items.iter().map(to_bolt).collect::<Vec<_>>(),

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::decode::{Field, Relation, Row};
 use crate::lsn::Lsn;
+use crate::source::catalog::PgClient;
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
 use crate::transactions::{Assembler, Change, LogicalMessage, TxnHeader, TxnPart, PARTS_PER_TURN};
 
@@ -188,6 +189,8 @@ pub async fn peek(
         })
         .await?;
     let mut assembler = Assembler::with_spill(opts.spill.clone());
+    // Asked what user types (domains) are, once one is announced.
+    let mut catalog: Option<PgClient> = None;
     let mut printed = 0usize;
     let mut lines = JsonLines {
         out,
@@ -243,6 +246,14 @@ pub async fn peek(
                     assembler
                         .push(&data)
                         .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
+                    let new_types = assembler.take_new_types();
+                    if !new_types.is_empty() {
+                        let catalog = match &catalog {
+                            Some(c) => c,
+                            None => catalog.insert(PgClient::connect(info).await?),
+                        };
+                        assembler.add_base_types(&catalog.base_types(&new_types).await?);
+                    }
                 }
                 ReplicationEvent::Keepalive { reply_requested, .. } => {
                     if reply_requested {

@@ -107,6 +107,10 @@ pub enum ResolveError {
 pub struct RelationCache {
     relations: HashMap<u32, Arc<Relation>>,
     types: HashMap<u32, (String, String)>,
+    /// User type OIDs looked up in the catalog, with the built-in type
+    /// their values are read as (a domain's base type; see
+    /// [`crate::source::catalog::base_types`]).
+    bases: HashMap<u32, u32>,
 }
 
 impl RelationCache {
@@ -131,7 +135,7 @@ impl RelationCache {
                 .iter()
                 .map(|c| Column {
                     name: c.name.clone(),
-                    type_oid: c.type_oid,
+                    type_oid: self.bases.get(&c.type_oid).copied().unwrap_or(c.type_oid),
                     is_key: c.is_key,
                 })
                 .collect(),
@@ -144,6 +148,18 @@ impl RelationCache {
     pub fn update_type(&mut self, oid: u32, namespace: &str, name: &str) {
         self.types
             .insert(oid, (namespace.to_string(), name.to_string()));
+    }
+
+    /// Whether the catalog has been asked what `oid` is read as (built-in
+    /// types need no asking).
+    pub fn knows_type(&self, oid: u32) -> bool {
+        oid < crate::source::catalog::FIRST_USER_OID || self.bases.contains_key(&oid)
+    }
+
+    /// Remembers what user types are read as; relations announced from
+    /// now on use it.
+    pub fn add_base_types(&mut self, bases: &HashMap<u32, u32>) {
+        self.bases.extend(bases.iter().map(|(k, v)| (*k, *v)));
     }
 
     /// The name of a type announced by a Type message.

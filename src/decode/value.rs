@@ -8,7 +8,7 @@
 //!
 //! Invariant: every text decodes to some [`Value`]; none is lost or panics.
 
-use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
 use serde::Serialize;
 
 /// Type OIDs walgraph decodes (from `pg_type.dat`).
@@ -187,19 +187,16 @@ pub fn decode_text(type_oid: u32, text: &str) -> Value {
         oid::BYTEA => parse_bytea(text).map(Value::Bytes),
         oid::UUID => Some(Value::Uuid(text.to_string())),
         oid::JSON | oid::JSONB => Some(Value::Json(text.to_string())),
-        oid::DATE => NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .ok()
-            .map(Value::Date),
-        oid::TIME => NaiveTime::parse_from_str(text, "%H:%M:%S%.f")
-            .ok()
-            .map(Value::Time),
+        oid::DATE => parse_date(text).map(Value::Date),
+        oid::TIME => parse_time(text).map(Value::Time),
         oid::TIMETZ => parse_timetz(text),
-        oid::TIMESTAMP => NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
-            .ok()
-            .map(Value::Timestamp),
+        oid::TIMESTAMP => parse_timestamp(text).map(Value::Timestamp),
         oid::TIMESTAMPTZ => parse_timestamptz(text).map(Value::TimestampTz),
         oid::INTERVAL => parse_interval(text).map(Value::Interval),
         oid::INET | oid::CIDR => Some(Value::Inet(text.to_string())),
+        // char(n) without its padding, which Postgres does not compare
+        // either: char(5) and char(10) keys meet.
+        oid::BPCHAR => Some(Value::Text(text.trim_end_matches(' ').to_string())),
         _ => None,
     };
     parsed.unwrap_or_else(|| Value::Text(text.to_string()))
@@ -241,16 +238,89 @@ fn split_offset(text: &str) -> Option<(&str, i32)> {
     Some((head, sign * secs))
 }
 
+/// Parses an ISO date: `2024-02-29`, `10000-01-01`, `0044-03-15 BC`, and
+/// `infinity` / `-infinity` as the latest and earliest dates walgraph can
+/// write. A year past the latest (Postgres goes to 5874897) is written as
+/// the latest too: one type per column, never text.
+fn parse_date(text: &str) -> Option<NaiveDate> {
+    match text {
+        "infinity" => return Some(NaiveDate::MAX),
+        "-infinity" => return Some(NaiveDate::MIN),
+        _ => {}
+    }
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, true),
+        None => (text, false),
+    };
+    let mut parts = body.splitn(3, '-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if y.is_empty() || !y.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let year: i64 = y.parse().ok()?;
+    // 1 BC is the proleptic year 0, 2 BC is -1.
+    let year = if bc { 1 - year } else { year };
+    let (m, d): (u32, u32) = (m.parse().ok()?, d.parse().ok()?);
+    if year > i64::from(NaiveDate::MAX.year()) {
+        // A valid date only if month and day are (checked in a leap year).
+        NaiveDate::from_ymd_opt(2000, m, d)?;
+        return Some(NaiveDate::MAX);
+    }
+    NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, m, d)
+}
+
+/// Parses a time of day; Postgres' `24:00:00` is written as the last
+/// instant a Neo4j time holds (`23:59:59.999999999`).
+fn parse_time(text: &str) -> Option<NaiveTime> {
+    if text == "24:00:00" {
+        return NaiveTime::from_hms_nano_opt(23, 59, 59, 999_999_999);
+    }
+    NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()
+}
+
+/// Parses an ISO timestamp (`2024-02-29 13:14:15.5`, with ` BC` or a year
+/// past 9999 as [`parse_date`] reads them); `infinity` / `-infinity` are
+/// the latest and earliest timestamps walgraph can write.
+fn parse_timestamp(text: &str) -> Option<NaiveDateTime> {
+    match text {
+        "infinity" => return Some(NaiveDateTime::MAX),
+        "-infinity" => return Some(NaiveDateTime::MIN),
+        _ => {}
+    }
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, " BC"),
+        None => (text, ""),
+    };
+    let (date, time) = body.split_once(' ')?;
+    let date = parse_date(&format!("{date}{bc}"))?;
+    let time = NaiveTime::parse_from_str(time, "%H:%M:%S%.f").ok()?;
+    if date == NaiveDate::MAX && !body.starts_with(&NaiveDate::MAX.year().to_string()) {
+        return Some(NaiveDateTime::MAX);
+    }
+    Some(date.and_time(time))
+}
+
 fn parse_timetz(text: &str) -> Option<Value> {
     let (time, offset) = split_offset(text)?;
-    let time = NaiveTime::parse_from_str(time, "%H:%M:%S%.f").ok()?;
-    Some(Value::TimeTz(time, offset))
+    Some(Value::TimeTz(parse_time(time)?, offset))
 }
 
 fn parse_timestamptz(text: &str) -> Option<DateTime<FixedOffset>> {
-    let (ts, offset) = split_offset(text)?;
-    let naive = NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f").ok()?;
+    match text {
+        "infinity" => return Some(NaiveDateTime::MAX.and_utc().fixed_offset()),
+        "-infinity" => return Some(NaiveDateTime::MIN.and_utc().fixed_offset()),
+        _ => {}
+    }
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, " BC"),
+        None => (text, ""),
+    };
+    let (ts, offset) = split_offset(body)?;
     let zone = FixedOffset::east_opt(offset)?;
+    let naive = parse_timestamp(&format!("{ts}{bc}"))?;
+    if naive == NaiveDateTime::MAX {
+        return Some(NaiveDateTime::MAX.and_utc().fixed_offset());
+    }
     naive.and_local_timezone(zone).single()
 }
 
@@ -387,6 +457,7 @@ mod tests {
             Value::Text("anything".into())
         );
         assert_eq!(decode_text(oid::INT4, "oops"), Value::Text("oops".into()));
+        assert_eq!(decode_text(oid::BPCHAR, "ab   "), Value::Text("ab".into()));
     }
 
     #[test]
@@ -416,10 +487,53 @@ mod tests {
                 micros: -250_000
             })
         );
+    }
+
+    #[test]
+    fn dates_keep_one_type_for_infinity_bc_and_far_years() {
+        let date = |t| decode_text(oid::DATE, t);
+        assert_eq!(date("infinity"), Value::Date(NaiveDate::MAX));
+        assert_eq!(date("-infinity"), Value::Date(NaiveDate::MIN));
         assert_eq!(
-            decode_text(oid::DATE, "infinity"),
-            Value::Text("infinity".into())
+            date("0044-03-15 BC"),
+            Value::Date(NaiveDate::from_ymd_opt(-43, 3, 15).unwrap())
         );
+        assert_eq!(
+            date("12345-06-07"),
+            Value::Date(NaiveDate::from_ymd_opt(12345, 6, 7).unwrap())
+        );
+        assert_eq!(date("5874897-12-31"), Value::Date(NaiveDate::MAX));
+        assert!(matches!(date("2024-02-30"), Value::Text(_)));
+        let ts = |t| decode_text(oid::TIMESTAMP, t);
+        assert_eq!(ts("infinity"), Value::Timestamp(NaiveDateTime::MAX));
+        assert_eq!(ts("-infinity"), Value::Timestamp(NaiveDateTime::MIN));
+        assert_eq!(
+            ts("0001-01-01 10:00:00.5 BC"),
+            Value::Timestamp(
+                NaiveDate::from_ymd_opt(0, 1, 1)
+                    .unwrap()
+                    .and_hms_milli_opt(10, 0, 0, 500)
+                    .unwrap()
+            )
+        );
+        assert_eq!(
+            ts("294276-12-31 23:59:59"),
+            Value::Timestamp(NaiveDateTime::MAX)
+        );
+        let tz = |t| decode_text(oid::TIMESTAMPTZ, t);
+        assert_eq!(
+            tz("infinity"),
+            Value::TimestampTz(NaiveDateTime::MAX.and_utc().fixed_offset())
+        );
+        let Value::TimestampTz(bc) = tz("0044-03-15 12:00:00+00 BC") else {
+            panic!("not a timestamptz")
+        };
+        assert_eq!(bc.year(), -43);
+        assert!(matches!(decode_text(oid::TIME, "24:00:00"), Value::Time(_)));
+        assert!(matches!(
+            decode_text(oid::TIMETZ, "24:00:00+02"),
+            Value::TimeTz(_, 7200)
+        ));
     }
 
     #[test]

@@ -261,10 +261,31 @@ fn key_of(rel: &Relation, row: &[Field], columns: &[String]) -> Result<Option<Ke
     for c in columns {
         match column(rel, row, c)? {
             Field::Value(Value::Null) | Field::Unchanged => return Ok(None),
+            Field::Value(Value::Numeric(n)) => vals.push(Value::Numeric(canonical_numeric(n))),
             Field::Value(v) => vals.push(v.clone()),
         }
     }
     Ok(Some(Key(vals)))
+}
+
+/// A numeric key in one form for one number: `5.00` (a `numeric(10,2)`
+/// foreign key) and `5` (a `numeric` key) are equal to Postgres, so they
+/// name one node.
+fn canonical_numeric(n: &str) -> String {
+    let Some((whole, frac)) = n.split_once('.') else {
+        return if n == "-0" { "0".into() } else { n.into() };
+    };
+    let frac = frac.trim_end_matches('0');
+    let out = if frac.is_empty() {
+        whole.to_string()
+    } else {
+        format!("{whole}.{frac}")
+    };
+    if out == "-0" {
+        "0".into()
+    } else {
+        out
+    }
 }
 
 fn required_key(
@@ -504,5 +525,26 @@ impl Mapper {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_numeric;
+
+    #[test]
+    fn numeric_keys_have_one_form_per_number() {
+        for (text, want) in [
+            ("5", "5"),
+            ("5.00", "5"),
+            ("5.50", "5.5"),
+            ("-0.000", "0"),
+            ("-0", "0"),
+            ("100", "100"),
+            ("-12.0100", "-12.01"),
+            ("NaN", "NaN"),
+        ] {
+            assert_eq!(canonical_numeric(text), want, "{text}");
+        }
     }
 }

@@ -244,6 +244,34 @@ fn check_identity(
     ))
 }
 
+/// What a column's values are as node keys, by the value they decode to:
+/// columns meet at one node only when their kinds agree (`int4` and `int8`
+/// do; `int4` and `numeric`, or `text` and `uuid`, do not). `None` where the
+/// catalog gave no type.
+fn key_kind(info: &TableInfo, column: &str) -> Option<&'static str> {
+    use crate::decode::value::{array_element, oid};
+    let at = info.columns.iter().position(|c| c == column)?;
+    let t = *info.types.get(at)?;
+    Some(match t {
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => "integer",
+        oid::NUMERIC => "numeric",
+        oid::FLOAT4 | oid::FLOAT8 => "floating-point",
+        oid::BOOL => "boolean",
+        oid::BYTEA => "bytea",
+        oid::UUID => "uuid",
+        oid::JSON | oid::JSONB => "json",
+        oid::DATE => "date",
+        oid::TIME => "time",
+        oid::TIMETZ => "timetz",
+        oid::TIMESTAMP => "timestamp",
+        oid::TIMESTAMPTZ => "timestamptz",
+        oid::INTERVAL => "interval",
+        oid::INET | oid::CIDR => "inet",
+        _ if array_element(t).is_some() => "array",
+        _ => "text",
+    })
+}
+
 fn is_unique(info: &TableInfo, cols: &[String]) -> bool {
     let set: HashSet<&String> = cols.iter().collect();
     info.unique
@@ -259,6 +287,8 @@ pub fn compile(
 ) -> Result<Mapping, MappingError> {
     let mut mapping = Mapping::default();
     let mut labels: HashMap<String, NodeTarget> = HashMap::new();
+    // The table each label comes from.
+    let mut label_tables: HashMap<String, &str> = HashMap::new();
     if nodes.is_empty() && relationships.is_empty() {
         return err(
             "the mapping is empty: add [[node]] or [[relationship]] sections to the configuration"
@@ -337,6 +367,7 @@ pub fn compile(
             props,
         };
         labels.insert(n.label.clone(), target.clone());
+        label_tables.insert(n.label.clone(), &n.table);
         let entry = mapping.tables.entry(n.table.clone()).or_default();
         if entry.node.is_some() {
             return err(format!(
@@ -373,6 +404,22 @@ pub fn compile(
                     node.key_props.len()
                 ));
             }
+            if let Some(node_info) = label_tables
+                .get(&e.label)
+                .and_then(|t| catalog.get(*t).map(|i| (*t, i)))
+            {
+                for (c, k) in e.columns.iter().zip(&node.key_columns) {
+                    if let (Some(here), Some(there)) = (key_kind(info, c), key_kind(node_info.1, k))
+                    {
+                        if here != there {
+                            return err(format!(
+                                "relationship {} takes its {side} end from {}.{c} ({here}), but the key of {} is {}.{k} ({there}): values of different types never meet at one node, so make both columns the same type (ALTER TABLE … ALTER COLUMN … TYPE …)",
+                                r.rel_type, r.table, e.label, node_info.0
+                            ));
+                        }
+                    }
+                }
+            }
             Ok(EndpointTarget {
                 label: Arc::clone(&node.label),
                 columns: e.columns.clone(),
@@ -408,6 +455,12 @@ pub fn compile(
                         r.rel_type, r.table, own.label
                     ));
                 };
+                if !r.properties.is_empty() {
+                    return err(format!(
+                        "relationship {} is a foreign key on node table {}, whose columns are properties of its {} nodes already; `properties` is for join tables: take it out",
+                        r.rel_type, r.table, own.label
+                    ));
+                }
                 (RelKind::RowOwned { own_is_from }, own.key_columns.clone())
             }
             None => {

@@ -133,3 +133,64 @@ fn a_generated_column_named_by_the_mapping_is_refused_with_why() {
     );
     assert!(e.contains("generated column"), "{e}");
 }
+
+#[test]
+fn a_foreign_key_of_another_type_than_the_key_it_names_is_refused() {
+    use crate::decode::value::oid;
+    let mut c = demo_catalog();
+    let set = |c: &mut Catalog, t: &str, types: &[u32]| {
+        c.get_mut(t).unwrap().types = types.to_vec();
+    };
+    set(
+        &mut c,
+        "public.users",
+        &[oid::INT4, oid::TEXT, oid::TEXT, oid::TIMESTAMPTZ],
+    );
+    set(&mut c, "public.roles", &[oid::INT4, oid::TEXT]);
+    set(
+        &mut c,
+        "public.user_roles",
+        &[oid::INT8, oid::INT2, oid::TIMESTAMPTZ],
+    );
+    // int8 and int2 meet int4 keys: all are integers.
+    set(
+        &mut c,
+        "public.orders",
+        &[oid::INT8, oid::INT8, oid::NUMERIC],
+    );
+    let cfg = Config::parse(DEMO_MAPPING).unwrap();
+    compile(&cfg.nodes, &cfg.relationships, &c).unwrap();
+    set(
+        &mut c,
+        "public.orders",
+        &[oid::INT8, oid::NUMERIC, oid::NUMERIC],
+    );
+    let e = compile_err(DEMO_MAPPING, &c);
+    assert!(
+        e.contains("public.orders.user_id (numeric)") && e.contains("public.users.id (integer)"),
+        "{e}"
+    );
+    set(
+        &mut c,
+        "public.orders",
+        &[oid::INT8, oid::INT8, oid::NUMERIC],
+    );
+    set(
+        &mut c,
+        "public.user_roles",
+        &[oid::UUID, oid::INT2, oid::TIMESTAMPTZ],
+    );
+    let e = compile_err(DEMO_MAPPING, &c);
+    assert!(e.contains("user_roles.user_id (uuid)"), "{e}");
+}
+
+#[test]
+fn properties_on_a_foreign_key_relationship_are_refused() {
+    let text = DEMO_MAPPING.replace(
+        "to = { label = \"User\", columns = [\"user_id\"] }",
+        "to = { label = \"User\", columns = [\"user_id\"] }\nproperties = [\"total\"]",
+    );
+    assert_ne!(text, DEMO_MAPPING);
+    let e = compile_err(&text, &demo_catalog());
+    assert!(e.contains("`properties` is for join tables"), "{e}");
+}

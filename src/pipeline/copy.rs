@@ -9,6 +9,7 @@
 //! Exported snapshots: <https://www.postgresql.org/docs/current/protocol-replication.html#PROTOCOL-REPLICATION-CREATE-REPLICATION-SLOT>
 //! and `SET TRANSACTION SNAPSHOT`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
@@ -18,6 +19,7 @@ use tokio_postgres::SimpleQueryMessage;
 use crate::decode::message::{RelationBody, RelationColumn, TupleValue};
 use crate::decode::{decode_row, RelationCache};
 use crate::lsn::Lsn;
+use crate::source::catalog::{base_types, FIRST_USER_OID};
 use crate::source::sql::{quote_ident, quote_literal, quote_qualified};
 use crate::source::{ConnInfo, ReplicationStream};
 use crate::transactions::{Change, Op};
@@ -117,6 +119,24 @@ pub async fn describe_table(
     let Some(first) = rows.first() else {
         bail!("{name} has no columns");
     };
+    // Domains are read as their base types, as the stream reads them.
+    let user: Vec<u32> = rows
+        .iter()
+        .map(|r| {
+            r.try_get::<_, i64>(1)
+                .map(|o| u32::try_from(o).unwrap_or(0))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|&o| o >= FIRST_USER_OID)
+        .collect();
+    let bases = if user.is_empty() {
+        HashMap::new()
+    } else {
+        base_types(pg, &user)
+            .await
+            .with_context(|| format!("cannot read the column types of {name}"))?
+    };
     let oid = u32::try_from(first.try_get::<_, i64>(4)?).unwrap_or(0);
     let body = RelationBody {
         oid,
@@ -130,7 +150,10 @@ pub async fn describe_table(
                 Ok(RelationColumn {
                     is_key: primary_key.contains(&col),
                     name: col,
-                    type_oid: u32::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0),
+                    type_oid: {
+                        let oid = u32::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0);
+                        bases.get(&oid).copied().unwrap_or(oid)
+                    },
                     type_modifier: r.try_get(2)?,
                 })
             })

@@ -207,6 +207,10 @@ pub(super) async fn stream_once(
                     server_wal_end = server_wal_end.max(wal_end);
                     metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
                     assembler.push(&data).map_err(|source| RunError::Stream { lsn: start, source })?;
+                    let new_types = assembler.take_new_types();
+                    if !new_types.is_empty() {
+                        assembler.add_base_types(&catalog.base_types(&new_types).await?);
+                    }
                 }
                 ReplicationEvent::Keepalive { wal_end, reply_requested } => {
                     server_wal_end = server_wal_end.max(wal_end);

@@ -20,6 +20,9 @@ pub struct TableInfo {
     /// replication does not send those (PostgreSQL 12–17; 18 only on
     /// request), so walgraph maps what the stream carries.
     pub columns: Vec<String>,
+    /// The columns' types, aligned with `columns`: built-in type OIDs, a
+    /// domain given as its base type (see [`base_types`]).
+    pub types: Vec<u32>,
     /// Stored generated columns, left out of `columns`.
     pub generated: Vec<String>,
     /// Primary key columns (empty without one).
@@ -107,6 +110,68 @@ impl From<CatalogError> for SourceError {
     }
 }
 
+/// The first OID of a type a user created; those below are built in.
+pub const FIRST_USER_OID: u32 = 16384;
+
+/// For each of `oids` that is a domain or an array of domains, the built-in
+/// type whose text form its values have (a domain over a domain followed to
+/// the end; an array of a domain over `int4` is `int4[]`). Other OIDs map
+/// to themselves, so a caller can remember that it asked.
+pub async fn base_types(
+    client: &Client,
+    oids: &[u32],
+) -> Result<HashMap<u32, u32>, tokio_postgres::Error> {
+    // oid -> (typtype, typbasetype, typelem, typarray)
+    let mut known: HashMap<u32, (String, u32, u32, u32)> = HashMap::new();
+    let mut want: Vec<u32> = oids.to_vec();
+    // Each round follows one more step of a domain chain; chains are short.
+    for _ in 0..32 {
+        want.retain(|o| *o != 0 && !known.contains_key(o));
+        want.sort_unstable();
+        want.dedup();
+        if want.is_empty() {
+            break;
+        }
+        let rows = client
+            .query(
+                "SELECT oid, typtype::text, typbasetype, typelem, typarray FROM pg_type WHERE oid = ANY($1)",
+                &[&want],
+            )
+            .await?;
+        want.clear();
+        for r in rows {
+            let oid: u32 = r.try_get(0)?;
+            let kind: String = r.try_get(1)?;
+            let base: u32 = r.try_get(2)?;
+            let elem: u32 = r.try_get(3)?;
+            let array: u32 = r.try_get(4)?;
+            if kind == "d" {
+                want.push(base);
+            }
+            want.push(elem);
+            known.insert(oid, (kind, base, elem, array));
+        }
+    }
+    fn resolve(known: &HashMap<u32, (String, u32, u32, u32)>, oid: u32, depth: u32) -> u32 {
+        if depth > 32 {
+            return oid;
+        }
+        match known.get(&oid) {
+            Some((kind, base, _, _)) if kind == "d" => resolve(known, *base, depth + 1),
+            Some((_, _, elem, _)) if known.get(elem).is_some_and(|e| e.0 == "d") => {
+                let b = resolve(known, *elem, depth + 1);
+                known
+                    .get(&b)
+                    .map(|t| t.3)
+                    .filter(|a| *a != 0)
+                    .unwrap_or(oid)
+            }
+            _ => oid,
+        }
+    }
+    Ok(oids.iter().map(|&o| (o, resolve(&known, o, 0))).collect())
+}
+
 /// The state of a replication slot.
 #[derive(Debug, Clone)]
 pub struct SlotInfo {
@@ -190,6 +255,10 @@ impl PgClient {
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                                 AND a.attgenerated <> ''
                               ORDER BY a.attnum) AS generated,
+                        array(SELECT a.atttypid FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attgenerated = ''
+                              ORDER BY a.attnum) AS types,
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                                 AND NOT a.attnotnull
@@ -207,7 +276,8 @@ impl PgClient {
             let ident: String = row.try_get(2).map_err(db_error)?;
             let columns: Vec<String> = row.try_get(3).map_err(db_error)?;
             let generated: Vec<String> = row.try_get(4).map_err(db_error)?;
-            let nullable: Vec<String> = row.try_get(5).map_err(db_error)?;
+            let types: Vec<u32> = row.try_get(5).map_err(db_error)?;
+            let nullable: Vec<String> = row.try_get(6).map_err(db_error)?;
             let idx = self
                 .client
                 .query(
@@ -223,6 +293,7 @@ impl PgClient {
                 .map_err(db_error)?;
             let mut info = TableInfo {
                 columns,
+                types,
                 generated,
                 nullable,
                 oid,
@@ -243,7 +314,25 @@ impl PgClient {
             }
             catalog.insert(name, info);
         }
+        let user: Vec<u32> = catalog
+            .values()
+            .flat_map(|t| t.types.iter().copied())
+            .filter(|&o| o >= FIRST_USER_OID)
+            .collect();
+        if !user.is_empty() {
+            let bases = base_types(&self.client, &user).await.map_err(db_error)?;
+            for t in catalog.values_mut() {
+                for o in &mut t.types {
+                    *o = bases.get(o).copied().unwrap_or(*o);
+                }
+            }
+        }
         Ok(catalog)
+    }
+
+    /// What user types are read as ([`base_types`]).
+    pub async fn base_types(&self, oids: &[u32]) -> Result<HashMap<u32, u32>, CatalogError> {
+        base_types(&self.client, oids).await.map_err(db_error)
     }
 
     /// The schema-qualified names the tables with these OIDs have now;

@@ -170,6 +170,9 @@ pub struct Assembler {
     ready: VecDeque<TxnPart>,
     /// A committed streamed transaction being read back.
     replay: Option<Replay>,
+    /// User types announced by Type messages that the relation cache does
+    /// not know yet (see [`Assembler::take_new_types`]).
+    new_types: Vec<u32>,
 }
 
 impl Assembler {
@@ -183,6 +186,23 @@ impl Assembler {
         Assembler {
             spill,
             ..Self::default()
+        }
+    }
+
+    /// User types announced since the last call that the relation cache
+    /// cannot read yet: the caller asks the catalog what they are (a domain
+    /// is read as its base type) and hands the answer to
+    /// [`Assembler::add_base_types`] before pushing the next message, which
+    /// is the Relation that uses them.
+    pub fn take_new_types(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.new_types)
+    }
+
+    /// Remembers what user types are read as (see [`Assembler::take_new_types`]).
+    pub fn add_base_types(&mut self, bases: &HashMap<u32, u32>) {
+        self.cache.add_base_types(bases);
+        if let Some(r) = self.replay.as_mut() {
+            r.local.add_base_types(bases);
         }
     }
 
@@ -252,6 +272,11 @@ impl Assembler {
             ));
         }
         let msg = self.decoder.decode(data)?;
+        if let PgOutputMessage::Type { oid, .. } = &msg {
+            if !self.cache.knows_type(*oid) && !self.new_types.contains(oid) {
+                self.new_types.push(*oid);
+            }
+        }
         if let Some(top) = self.open_stream {
             if streamed_xid(&msg).is_some() {
                 let buf = self
