@@ -165,6 +165,12 @@ pub struct Neo4jConfig {
     /// transaction and goes on.
     #[serde(default)]
     pub on_error: OnError,
+    /// How long one batch may keep failing (Neo4j down, a database error
+    /// no single change causes) before walgraph reports itself stuck:
+    /// `/ready` answers 503, `walgraph_batch_stuck` is 1 and `status` says
+    /// so. It goes on retrying.
+    #[serde(default = "default_stuck_after", with = "humantime_serde")]
+    pub stuck_after: Duration,
 }
 
 /// `neo4j.on_error`.
@@ -188,6 +194,7 @@ impl Default for Neo4jConfig {
             database: None,
             timeout: default_neo4j_timeout(),
             on_error: OnError::Stop,
+            stuck_after: default_stuck_after(),
         }
     }
 }
@@ -198,6 +205,10 @@ fn default_neo4j_uri() -> String {
 
 fn default_neo4j_user() -> String {
     "neo4j".into()
+}
+
+fn default_stuck_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_neo4j_timeout() -> Duration {

@@ -36,9 +36,20 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: S
             let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
             let (status, body, kind) = match (method, path) {
                 ("GET", "/health") => ("200 OK", "ok\n".to_string(), "text/plain"),
-                ("GET", "/ready") if metrics.ready.load(Ordering::Relaxed) => {
+                ("GET", "/ready") if metrics.is_ready() => {
                     ("200 OK", "ready\n".to_string(), "text/plain")
                 }
+                ("GET", "/ready") if metrics.batch_stuck.load(Ordering::Relaxed) => (
+                    "503 Service Unavailable",
+                    format!(
+                        "stuck: a batch has failed for {:.0} s\n",
+                        metrics
+                            .batch_failing_for()
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    ),
+                    "text/plain",
+                ),
                 ("GET", "/ready") => (
                     "503 Service Unavailable",
                     "not streaming\n".to_string(),

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub server_wal_lsn: AtomicU64,
     /// Time from the Postgres commit to the Neo4j commit, per change.
     pub latency: Mutex<Latency>,
+    /// When the batch being written first failed (Unix milliseconds), 0
+    /// while writes go through.
+    pub batch_failing_since_ms: AtomicU64,
+    /// The batch being written has failed for longer than
+    /// `neo4j.stuck_after`.
+    pub batch_stuck: AtomicBool,
 }
 
 /// A histogram of commit-to-graph latency: buckets 5 % wide from 100 µs to
@@ -125,6 +131,17 @@ impl Metrics {
         }
     }
 
+    /// How long the batch being written has been failing, if it is.
+    pub fn batch_failing_for(&self) -> Option<std::time::Duration> {
+        let since = self.batch_failing_since_ms.load(Ordering::Relaxed);
+        (since != 0).then(|| std::time::Duration::from_millis(unix_ms().saturating_sub(since)))
+    }
+
+    /// Whether `/ready` may answer 200: replication streams and no batch is stuck.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.batch_stuck.load(Ordering::Relaxed)
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -185,6 +202,17 @@ impl Metrics {
             "Bytes of WAL between the server's end and the confirmed position.",
             lag,
         );
+        metric(
+            "walgraph_batch_stuck",
+            "gauge",
+            "1 while the batch being written has failed for longer than neo4j.stuck_after.",
+            u64::from(self.batch_stuck.load(Ordering::Relaxed)),
+        );
+        out.push_str(&format!(
+            "# HELP walgraph_batch_failing_seconds How long the batch being written has been failing; 0 while writes go through.\n\
+             # TYPE walgraph_batch_failing_seconds gauge\nwalgraph_batch_failing_seconds {}\n",
+            self.batch_failing_for().map_or(0.0, |d| d.as_secs_f64())
+        ));
         let latency = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         out.push_str(
             "# HELP walgraph_commit_to_graph_seconds Time from the Postgres commit to the Neo4j commit, per change, since start.\n\
@@ -207,6 +235,13 @@ impl Metrics {
         ));
         out
     }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use walgraph::lsn::Lsn;
 
-use crate::support::{eventually, Fixture, SERVICES};
+use crate::support::{eventually, http_get, Fixture, SERVICES};
 
 const USERS_DDL: &str =
     "CREATE TABLE {s}.users (id int PRIMARY KEY, name text NOT NULL, email text);";
@@ -536,22 +536,6 @@ async fn an_inferred_mapping_compiles_and_streams() {
 }
 
 /// A plain HTTP GET against walgraph's endpoints: (status code, body).
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: walgraph\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() {
     let _shared = SERVICES.read().await;

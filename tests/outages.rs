@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{eventually, Fixture, SERVICES};
+use crate::support::{eventually, free_address, http_get, Fixture, SERVICES};
 
 fn services(cmd: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services");
@@ -39,9 +39,13 @@ async fn items(fx: &Fixture) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neo4j_outage_while_running_is_retried_and_loses_nothing() {
     let _exclusive = SERVICES.write().await;
-    let fx = Fixture::new(DDL, MAPPING).await;
+    let mut fx = Fixture::new(DDL, MAPPING).await;
     fx.setup().await;
-    let run = fx.start();
+    let addr = free_address();
+    fx.config.http.listen = Some(addr);
+    fx.config.neo4j.stuck_after = Duration::from_secs(2);
+    let addr = addr.to_string();
+    let run = fx.start_serving().await;
     fx.sql("INSERT INTO {s}.items SELECT g, g FROM generate_series(1, 50) g")
         .await;
     eventually(Duration::from_secs(30), "the first rows", || async {
@@ -64,6 +68,39 @@ async fn neo4j_outage_while_running_is_retried_and_loses_nothing() {
         !run.handle.is_finished(),
         "walgraph gave up while Neo4j was down"
     );
+    // A batch failing past neo4j.stuck_after is reported: /ready, the
+    // metrics, and `status` (which says why it cannot read the graph).
+    let body = eventually(Duration::from_secs(30), "/ready to say stuck", || async {
+        http_get(&addr, "/ready")
+            .await
+            .filter(|(code, body)| *code == 503 && body.starts_with("stuck"))
+            .map(|r| r.1)
+    })
+    .await;
+    let metrics = http_get(&addr, "/metrics").await.expect("metrics").1;
+    assert_eq!(
+        walgraph::http::metric(&metrics, "walgraph_batch_stuck"),
+        Some(1.0),
+        "{body}{metrics}"
+    );
+    assert!(
+        walgraph::http::metric(&metrics, "walgraph_batch_failing_seconds").unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+    let status = walgraph::commands::status::collect(&fx.config, 0)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "status while Neo4j is down: {}",
+                walgraph::error_sentence(&e)
+            )
+        });
+    assert!(
+        status.process.as_ref().is_some_and(|p| p.batch_stuck) && status.neo4j_error.is_some(),
+        "status shows the stuck batch and the unreadable graph: {status:?}"
+    );
+    let text = walgraph::commands::status::render(&status);
+    assert!(text.contains("STUCK"), "{text}");
 
     services("start-neo4j");
     eventually(
@@ -80,6 +117,25 @@ async fn neo4j_outage_while_running_is_retried_and_loses_nothing() {
         },
     )
     .await;
+    eventually(
+        Duration::from_secs(30),
+        "/ready to answer 200 again",
+        || async {
+            http_get(&addr, "/ready")
+                .await
+                .filter(|(code, _)| *code == 200)
+        },
+    )
+    .await;
+    let metrics = http_get(&addr, "/metrics").await.expect("metrics").1;
+    assert_eq!(
+        walgraph::http::metric(&metrics, "walgraph_batch_stuck"),
+        Some(0.0)
+    );
+    assert_eq!(
+        walgraph::http::metric(&metrics, "walgraph_batch_failing_seconds"),
+        Some(0.0)
+    );
     run.stop().await;
     fx.cleanup().await;
 }

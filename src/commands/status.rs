@@ -26,6 +26,11 @@ pub struct Process {
     pub changes_per_sec: f64,
     /// Commit-to-graph latency since it started, milliseconds: p50, p99, max.
     pub latency_ms: [f64; 3],
+    /// How long the batch being written has been failing (0 while writes
+    /// go through).
+    pub batch_failing_seconds: f64,
+    /// The batch has failed for longer than `neo4j.stuck_after`.
+    pub batch_stuck: bool,
 }
 
 /// What `status` reports.
@@ -33,6 +38,8 @@ pub struct Process {
 pub struct Status {
     /// The running process, if it serves metrics.
     pub process: Option<Process>,
+    /// Why the graph could not be read (Neo4j unreachable), if it could not.
+    pub neo4j_error: Option<String>,
     /// Slot name.
     pub slot: String,
     /// Whether the slot exists.
@@ -102,6 +109,8 @@ async fn process(addr: &str) -> Option<Process> {
         changes_applied: applied(&second) as u64,
         changes_per_sec: (applied(&second) - applied(&first)) / started.elapsed().as_secs_f64(),
         latency_ms: [q("0.5"), q("0.99"), q("1")],
+        batch_failing_seconds: metric(&second, "walgraph_batch_failing_seconds").unwrap_or(0.0),
+        batch_stuck: metric(&second, "walgraph_batch_stuck").unwrap_or(0.0) > 0.0,
     })
 }
 
@@ -123,6 +132,86 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     let wal_status: Option<String> = row.try_get(1)?;
     let safe_wal_size: Option<i64> = row.try_get(2)?;
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
+    let process = match cfg.http.listen {
+        Some(addr) => process(&addr.to_string()).await,
+        None => None,
+    };
+    // Neo4j down is what an operator may be looking into: say so and
+    // report the rest.
+    let (graph, neo4j_error) = match graph_part(cfg, &mapping, sample).await {
+        Ok(g) => (g, None),
+        Err(e) => (
+            GraphPart {
+                checkpoint: None,
+                checkpoint_age_seconds: None,
+                commit_age_seconds: None,
+                labels: Vec::new(),
+                relationships: Vec::new(),
+                samples: Vec::new(),
+            },
+            Some(crate::error_sentence(&e)),
+        ),
+    };
+    let GraphPart {
+        checkpoint,
+        checkpoint_age_seconds,
+        commit_age_seconds,
+        labels,
+        relationships,
+        samples,
+    } = graph;
+    let slot_active = slot.as_ref().is_some_and(|s| s.active);
+    let lag_bytes = slot
+        .as_ref()
+        .and_then(|s| s.confirmed_flush_lsn)
+        .map(|c| server_wal_lsn.bytes_since(c));
+    // Idle servers write a little WAL of their own, which walgraph follows
+    // while it runs; below a page of it nothing is really pending.
+    let lag_seconds = if lag_bytes.unwrap_or(0) <= 8192 {
+        Some(0.0)
+    } else {
+        commit_age_seconds
+    };
+    Ok(Status {
+        process,
+        neo4j_error,
+        slot: cfg.postgres.slot.clone(),
+        slot_exists: slot.is_some(),
+        slot_active,
+        confirmed_flush_lsn: slot.as_ref().and_then(|s| s.confirmed_flush_lsn),
+        restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
+        wal_status,
+        safe_wal_size,
+        server_wal_lsn,
+        lag_bytes,
+        lag_seconds,
+        retained_wal_bytes: slot
+            .as_ref()
+            .and_then(|s| s.restart_lsn)
+            .map(|r| server_wal_lsn.bytes_since(r)),
+        checkpoint,
+        checkpoint_age_seconds,
+        labels,
+        relationships,
+        samples,
+    })
+}
+
+/// What the graph holds: the checkpoint and the counts (and samples).
+struct GraphPart {
+    checkpoint: Option<Lsn>,
+    checkpoint_age_seconds: Option<f64>,
+    commit_age_seconds: Option<f64>,
+    labels: Vec<Count>,
+    relationships: Vec<Count>,
+    samples: Vec<serde_json::Value>,
+}
+
+async fn graph_part(
+    cfg: &Config,
+    mapping: &crate::mapping::Mapping,
+    sample: usize,
+) -> anyhow::Result<GraphPart> {
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let graph = sink.graph();
     let mut checkpoint = None;
@@ -143,10 +232,6 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         checkpoint_age_seconds = r.get::<f64>("age").ok();
         commit_age_seconds = r.get::<f64>("commit_age").ok().map(|a| a.max(0.0));
     }
-    let process = match cfg.http.listen {
-        Some(addr) => process(&addr.to_string()).await,
-        None => None,
-    };
     let mut labels = Vec::new();
     let mut samples = Vec::new();
     for (label, _) in mapping.node_keys() {
@@ -225,36 +310,10 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
             }
         }
     }
-    let slot_active = slot.as_ref().is_some_and(|s| s.active);
-    let lag_bytes = slot
-        .as_ref()
-        .and_then(|s| s.confirmed_flush_lsn)
-        .map(|c| server_wal_lsn.bytes_since(c));
-    // Idle servers write a little WAL of their own, which walgraph follows
-    // while it runs; below a page of it nothing is really pending.
-    let lag_seconds = if lag_bytes.unwrap_or(0) <= 8192 {
-        Some(0.0)
-    } else {
-        commit_age_seconds
-    };
-    Ok(Status {
-        process,
-        slot: cfg.postgres.slot.clone(),
-        slot_exists: slot.is_some(),
-        slot_active,
-        confirmed_flush_lsn: slot.as_ref().and_then(|s| s.confirmed_flush_lsn),
-        restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
-        wal_status,
-        safe_wal_size,
-        server_wal_lsn,
-        lag_bytes,
-        lag_seconds,
-        retained_wal_bytes: slot
-            .as_ref()
-            .and_then(|s| s.restart_lsn)
-            .map(|r| server_wal_lsn.bytes_since(r)),
+    Ok(GraphPart {
         checkpoint,
         checkpoint_age_seconds,
+        commit_age_seconds,
         labels,
         relationships,
         samples,
@@ -303,6 +362,20 @@ pub fn render(s: &Status) -> String {
             "walgraph run at {}        {} changes applied, {:.0} changes/s now, latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",
             p.address, p.changes_applied, p.changes_per_sec, p.latency_ms[0], p.latency_ms[1], p.latency_ms[2]
         ));
+        if p.batch_stuck {
+            out.push_str(&format!(
+                "  STUCK: the batch being written has failed for {:.0} s (see its log); it goes on retrying\n",
+                p.batch_failing_seconds
+            ));
+        } else if p.batch_failing_seconds > 0.0 {
+            out.push_str(&format!(
+                "  retrying: the batch being written has failed for {:.0} s\n",
+                p.batch_failing_seconds
+            ));
+        }
+    }
+    if let Some(e) = &s.neo4j_error {
+        out.push_str(&format!("Neo4j unreadable           {e}\n"));
     }
     out.push_str(&format!("checkpoint in Neo4j      {}", opt(&s.checkpoint)));
     if let Some(age) = s.checkpoint_age_seconds {

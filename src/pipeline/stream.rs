@@ -98,6 +98,7 @@ pub(super) async fn stream_once(
         Arc::clone(&p.mapping),
         Arc::clone(metrics),
         cfg.neo4j.on_error,
+        cfg.neo4j.stuck_after,
         batch_rx,
         event_tx,
     ));

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::sleep;
@@ -34,9 +35,35 @@ pub(super) async fn sink_task(
     mapping: Arc<Mapping>,
     metrics: Arc<Metrics>,
     on_error: OnError,
+    stuck_after: Duration,
     mut batches: mpsc::Receiver<Batch>,
     events: mpsc::Sender<SinkEvent>,
 ) {
+    // A failed attempt at the batch being written: once it has failed for
+    // longer than `stuck_after`, walgraph says it is stuck (`/ready`,
+    // `/metrics`, `status`, one error in the log) and goes on retrying.
+    let failed_attempt = |end_lsn: crate::lsn::Lsn| {
+        let now = crate::metrics::unix_ms();
+        let since = match metrics.batch_failing_since_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => now,
+            Err(since) => since,
+        };
+        let failing = Duration::from_millis(now.saturating_sub(since));
+        if failing >= stuck_after && !metrics.batch_stuck.swap(true, Ordering::Relaxed) {
+            tracing::error!(%end_lsn, failing_for = ?failing, "a batch has failed for longer than neo4j.stuck_after; /ready answers 503 until it is written, and walgraph goes on retrying");
+        }
+    };
+    let written = || {
+        metrics.batch_failing_since_ms.store(0, Ordering::Relaxed);
+        if metrics.batch_stuck.swap(false, Ordering::Relaxed) {
+            tracing::info!("the stuck batch is written; walgraph is ready again");
+        }
+    };
     while let Some(mut batch) = batches.recv().await {
         let Some(sink) = sink.as_ref() else {
             batch.statements.clear();
@@ -51,6 +78,7 @@ pub(super) async fn sink_task(
         loop {
             match sink.apply(&batch, &dead).await {
                 Ok(()) => {
+                    written();
                     let mut done = batch;
                     done.statements.clear();
                     done.plan.clear();
@@ -60,16 +88,26 @@ pub(super) async fn sink_task(
                     break;
                 }
                 Err(e) if e.is_transient() => {
+                    failed_attempt(batch.end_lsn);
                     let wait = backoff(attempt);
                     attempt += 1;
                     metrics.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, attempt, retry_in = ?wait, end_lsn = %batch.end_lsn, "neo4j write failed, retrying the batch");
                     sleep(wait).await;
                 }
-                Err(failed @ (SinkError::Rejected(_) | SinkError::Database(_))) => {
+                Err(
+                    failed @ (SinkError::Rejected(_)
+                    | SinkError::Database(_)
+                    | SinkError::Unencodable(_)),
+                ) => {
                     let located = match sink.locate(&batch, &mapping).await {
                         Ok(l) => l,
-                        Err(e) if e.is_transient() => continue,
+                        Err(e) if e.is_transient() => {
+                            failed_attempt(batch.end_lsn);
+                            sleep(backoff(attempt)).await;
+                            attempt += 1;
+                            continue;
+                        }
                         Err(e) => {
                             let _ = events.send(SinkEvent::Failed(e)).await;
                             return;
@@ -79,6 +117,7 @@ pub(super) async fn sink_task(
                         if let SinkError::Database(_) = failed {
                             // No single change causes it: Neo4j's own trouble
                             // (a database stopping), so the batch is retried.
+                            failed_attempt(batch.end_lsn);
                             let wait = backoff(attempt);
                             attempt += 1;
                             metrics.retries.fetch_add(1, Ordering::Relaxed);
@@ -91,7 +130,6 @@ pub(super) async fn sink_task(
                     };
                     let op = batch.plan[group][index].clone();
                     let (table, key, lsn) = describe(&op, &mapping);
-                    let at = lsn.map_or_else(String::new, |l| format!(" committed at {l}"));
                     if on_error == OnError::Stop {
                         // A key can be huge (that may be why it failed).
                         let key = match key.char_indices().nth(200) {
@@ -99,9 +137,12 @@ pub(super) async fn sink_task(
                             None => key,
                         };
                         let _ = events
-                            .send(SinkEvent::Failed(SinkError::Rejected(format!(
-                                "the change to {table} key {key}{at} ({error}); fix the data or the graph, or set neo4j.on_error = \"dead_letter\" to record such changes and go on"
-                            ))))
+                            .send(SinkEvent::Failed(SinkError::ChangeRejected {
+                                table,
+                                key,
+                                lsn,
+                                error,
+                            }))
                             .await;
                         return;
                     }

@@ -40,11 +40,30 @@ pub enum SinkError {
     /// Neo4j rejected a statement; retrying will not help.
     #[error("Neo4j rejected the write: {0}")]
     Rejected(String),
+    /// One change Neo4j (or the driver) refuses for good, located in its
+    /// batch, with `neo4j.on_error = "stop"`.
+    #[error("Neo4j rejected the write: the change to {table} key {key}{at} ({error}); fix the data or the graph, or set neo4j.on_error = \"dead_letter\" to record such changes and go on", at = lsn.map_or_else(String::new, |l| format!(" committed at {l}")))]
+    ChangeRejected {
+        /// The source table.
+        table: String,
+        /// The row's key, shortened to 200 characters (a key can be huge,
+        /// which may be why it failed).
+        key: String,
+        /// The commit LSN of its transaction, where known.
+        lsn: Option<Lsn>,
+        /// What Neo4j or the driver said.
+        error: String,
+    },
     /// Neo4j failed the write on its side (a `Neo.DatabaseError`, which
     /// drivers do not retry): for good when one change causes it (a key
     /// too large for its index), else perhaps not (a database stopping).
     #[error("Neo4j failed the write: {0}")]
     Database(String),
+    /// The driver cannot encode a change's values for Neo4j (a string,
+    /// list or map past what Bolt can carry, a number out of range): the
+    /// same on every retry, so it is treated like a rejected change.
+    #[error("the write cannot be sent to Neo4j: {0}")]
+    Unencodable(String),
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
@@ -90,7 +109,38 @@ impl SinkError {
             E::UnsupportedVersion(..) | E::ProtocolMismatch(_) => SinkError::Config(format!(
                 "the server at the Neo4j URI does not speak a Bolt version walgraph supports: {e}"
             )),
-            other => SinkError::Transient(other.to_string()),
+            // What the driver cannot encode is the data's doing: the same
+            // on every retry.
+            E::StringTooLong
+            | E::MapTooBig
+            | E::BytesTooBig
+            | E::ListTooLong
+            | E::IntegerOverflow(..)
+            | E::InvalidInteger(..)
+            | E::ConversionError => SinkError::Unencodable(e.to_string()),
+            // The connection broke, timed out, or the exchange on it went
+            // wrong (a reply the driver did not expect or could not read):
+            // a new connection may well succeed, and a batch that keeps
+            // failing so is reported stuck (`neo4j.stuck_after`).
+            E::IOError { .. }
+            | E::ConnectionError
+            | E::ConnectionTimedOut
+            | E::IncompleteBoltExchange
+            | E::RequestIgnoredError
+            | E::Ignored(_)
+            | E::ServerUnavailableError(_)
+            | E::RoutingTableError(_)
+            | E::RoutingTableRefreshFailed(_)
+            | E::UnexpectedMessage(_)
+            | E::UnknownMessage(_)
+            | E::UnknownType(_)
+            | E::InvalidTypeMarker(_)
+            | E::DeserializationError(_)
+            | E::NoMoreRows
+            | E::NotSingleResult => SinkError::Transient(e.to_string()),
+            // An error a later driver version adds: retried, and reported
+            // stuck if it persists.
+            _ => SinkError::Transient(e.to_string()),
         }
     }
 }
@@ -338,9 +388,9 @@ impl Sink {
                         let e = self.err(e);
                         let _ = txn.rollback().await;
                         return match e {
-                            SinkError::Rejected(msg) | SinkError::Database(msg) => {
-                                Ok(Some((gi, oi, msg)))
-                            }
+                            SinkError::Rejected(msg)
+                            | SinkError::Database(msg)
+                            | SinkError::Unencodable(msg) => Ok(Some((gi, oi, msg))),
                             other => Err(other),
                         };
                     }
@@ -389,5 +439,41 @@ async fn neo4j_addresses(uri: &str) -> Vec<std::net::SocketAddr> {
     match tokio::net::lookup_host(with_port).await {
         Ok(addrs) => addrs.collect(),
         Err(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SinkError;
+
+    #[test]
+    fn driver_errors_are_split_by_whether_a_retry_can_succeed() {
+        use neo4rs::Error as E;
+        let class = |e: E| match SinkError::from_neo4rs(e, "neo4j") {
+            SinkError::Transient(_) => "retry",
+            SinkError::Unencodable(_) => "per change",
+            other => panic!("unexpected {other:?}"),
+        };
+        for e in [
+            E::StringTooLong,
+            E::MapTooBig,
+            E::BytesTooBig,
+            E::ListTooLong,
+            E::ConversionError,
+            E::InvalidInteger("fetch_size", -5),
+        ] {
+            assert_eq!(class(e), "per change");
+        }
+        for e in [
+            E::ConnectionError,
+            E::ConnectionTimedOut,
+            E::IOError {
+                detail: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+            },
+            E::RequestIgnoredError,
+            E::UnexpectedMessage("SUCCESS".into()),
+        ] {
+            assert_eq!(class(e), "retry");
+        }
     }
 }

@@ -78,10 +78,18 @@ pub enum CatalogError {
         target: String,
         /// What went wrong.
         message: String,
+        /// Retrying may help: the server was unreachable or said so by
+        /// SQLSTATE (not a wrong password or a missing database).
+        transient: bool,
     },
     /// A query failed.
-    #[error("Postgres said: {0}")]
-    Query(String),
+    #[error("Postgres said: {message}")]
+    Query {
+        /// What the server (or the connection) said.
+        message: String,
+        /// Retrying may help (the connection broke, or the SQLSTATE says so).
+        transient: bool,
+    },
     /// The database is not set up the way walgraph needs.
     #[error("{0}")]
     NotReady(String),
@@ -90,17 +98,30 @@ pub enum CatalogError {
 impl CatalogError {
     /// Whether retrying later may succeed (the server was unreachable).
     pub fn is_transient(&self) -> bool {
-        matches!(self, CatalogError::Connect { message, .. } if !message.contains("password") && !message.contains("does not exist"))
+        match self {
+            CatalogError::Connect { transient, .. } | CatalogError::Query { transient, .. } => {
+                *transient
+            }
+            CatalogError::NotReady(_) => false,
+        }
     }
 }
 
 fn db_error(e: tokio_postgres::Error) -> CatalogError {
     match e.as_db_error() {
-        Some(d) => CatalogError::Query(match d.hint() {
-            Some(h) => format!("{} (hint: {h})", d.message()),
-            None => d.message().to_string(),
-        }),
-        None => CatalogError::Query(e.to_string()),
+        Some(d) => CatalogError::Query {
+            message: match d.hint() {
+                Some(h) => format!("{} (hint: {h})", d.message()),
+                None => d.message().to_string(),
+            },
+            transient: super::sqlstate_is_transient(d.code().code()),
+        },
+        // No answer from the server: the connection broke.
+        None => CatalogError::Query {
+            message: e.to_string(),
+            transient: e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()),
+        },
     }
 }
 
@@ -191,6 +212,7 @@ impl PgClient {
         let tls = info.tls_config().map_err(|e| CatalogError::Connect {
             target: info.to_string(),
             message: e.0,
+            transient: false,
         })?;
         let (client, conn) = info
             .to_tokio_config()
@@ -198,6 +220,11 @@ impl PgClient {
             .await
             .map_err(|e| CatalogError::Connect {
                 target: info.to_string(),
+                // Without an answer from the server (refused, reset, timed
+                // out) it may be back later; an answer says by its SQLSTATE.
+                transient: e
+                    .as_db_error()
+                    .is_none_or(|d| super::sqlstate_is_transient(d.code().code())),
                 message: match e.as_db_error() {
                     Some(d) => d.message().to_string(),
                     None => {
@@ -484,9 +511,10 @@ impl PgClient {
             .await
             .map_err(db_error)?;
         let lsn: String = row.try_get(0).map_err(db_error)?;
-        let at = lsn
-            .parse()
-            .map_err(|e| CatalogError::Query(format!("the new slot's position: {e}")))?;
+        let at = lsn.parse().map_err(|e| CatalogError::Query {
+            message: format!("the new slot's position: {e}"),
+            transient: false,
+        })?;
         Ok((
             format!("created replication slot {slot} at {lsn}"),
             Some(at),

@@ -73,18 +73,22 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Io(_) | SourceError::Connect { .. } => true,
-            SourceError::Server(e) => {
-                // Connection exceptions, shutdowns, resource shortages, and a
-                // slot still held by a walsender that is going away.
-                e.code.starts_with("08")
-                    || e.code.starts_with("53")
-                    || e.code.starts_with("57P")
-                    || e.code == "55006"
-                    || e.code == "40001"
-            }
+            SourceError::Server(e) => sqlstate_is_transient(&e.code),
             SourceError::Protocol(_) | SourceError::Definite(_) => false,
         }
     }
+}
+
+/// Whether an error with this SQLSTATE may go away on retry: connection
+/// exceptions, shutdowns, resource shortages, a serialization failure, and
+/// a slot still held by a walsender that is going away. Never decided by
+/// the text of a message.
+pub fn sqlstate_is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "55006"
+        || code == "40001"
 }
 
 /// What `IDENTIFY_SYSTEM` says.

@@ -267,9 +267,7 @@ impl Assembler {
     /// before they are all taken is refused.
     pub fn push(&mut self, data: &Bytes) -> Result<(), AssembleError> {
         if self.has_parts() {
-            return Err(out_of_order(
-                "a message was pushed before the previous transaction was taken",
-            ));
+            return Err(AssembleError::PushedBeforeTaken);
         }
         let msg = self.decoder.decode(data)?;
         if let PgOutputMessage::Type { oid, .. } = &msg {

@@ -144,9 +144,11 @@ pub enum AssembleError {
     /// A change could not be resolved against the relation cache.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
-    /// Whoever took the transaction's parts failed.
-    #[error("{0}")]
-    Consumer(String),
+    /// The caller broke the assembler's contract: it pushed a message
+    /// before taking every part of the previous transaction. A bug in
+    /// walgraph, not in the stream.
+    #[error("walgraph pushed a message before taking the previous transaction (a bug; please report it)")]
+    PushedBeforeTaken,
     /// Messages arrived out of the protocol's order.
     #[error("the replication stream is out of order: {0}")]
     OutOfOrder(String),

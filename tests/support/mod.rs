@@ -198,6 +198,26 @@ impl Fixture {
         Running { handle, stop }
     }
 
+    /// Starts `walgraph run` in the background serving `/ready` and
+    /// `/metrics` on the config's `http.listen`, as the `run` command does.
+    pub async fn start_serving(&self) -> Running {
+        let addr = self.config.http.listen.expect("http.listen set");
+        let listener = walgraph::http::bind(addr).await.expect("listen");
+        let metrics = std::sync::Arc::new(walgraph::metrics::Metrics::default());
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(walgraph::http::serve(
+            listener,
+            std::sync::Arc::clone(&metrics),
+            rx.clone(),
+        ));
+        let cfg = self.config.clone();
+        let handle =
+            tokio::spawn(
+                async move { walgraph::pipeline::run_with(&cfg, rx, metrics, false).await },
+            );
+        Running { handle, stop }
+    }
+
     /// Runs SQL.
     pub async fn sql(&self, sql: &str) {
         let sql = sql.replace("{s}", &self.schema);
@@ -502,4 +522,28 @@ async fn drop_stale_slots(pg: &Client) {
             &[&mine],
         )
         .await;
+}
+
+/// GETs `path` from a walgraph serving HTTP at `addr`: the status code and body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: walgraph\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// A free local port, as `127.0.0.1:port`.
+pub fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
 }
