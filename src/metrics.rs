@@ -35,6 +35,10 @@ pub struct Metrics {
     /// The batch being written has failed for longer than
     /// `neo4j.stuck_after`.
     pub batch_stuck: AtomicBool,
+    /// Rows copied by the online backfill of tables added to the mapping.
+    pub backfill_rows: AtomicU64,
+    /// Tables the online backfill has still to copy.
+    pub backfill_tables_left: AtomicU64,
 }
 
 /// A histogram of commit-to-graph latency: buckets 5 % wide from 100 µs to
@@ -201,6 +205,18 @@ impl Metrics {
             "gauge",
             "Bytes of WAL between the server's end and the confirmed position.",
             lag,
+        );
+        metric(
+            "walgraph_backfill_rows_total",
+            "counter",
+            "Rows of tables added to the mapping copied while streaming.",
+            get(&self.backfill_rows),
+        );
+        metric(
+            "walgraph_backfill_tables_left",
+            "gauge",
+            "Tables added to the mapping not yet copied.",
+            get(&self.backfill_tables_left),
         );
         metric(
             "walgraph_batch_stuck",

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod backfill;
 mod bench;
 mod chaos;
 mod connect;

@@ -42,6 +42,9 @@ pub struct Batch {
     pub plan: Vec<Vec<GraphOp>>,
     /// Statements, to run in order in one Neo4j transaction.
     pub statements: Vec<Statement>,
+    /// Statements run after `statements` in the same transaction, not
+    /// part of the plan (an online backfill's progress record).
+    pub after: Vec<Statement>,
     /// End LSN of the last whole transaction in the batch (or before it):
     /// the new checkpoint, and what may be confirmed to Postgres.
     pub end_lsn: Lsn,
@@ -217,6 +220,7 @@ impl Batcher {
         let batch = Batch {
             plan,
             statements,
+            after: Vec::new(),
             end_lsn: self.end_lsn,
             partial: self.partial.take(),
             changes: self.changes,

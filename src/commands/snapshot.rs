@@ -29,9 +29,8 @@ use crate::batch::Batcher;
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::mapping::map::Mapper;
-use crate::mapping::Mapping;
 use crate::pipeline;
-use crate::pipeline::copy::{begin_exported_snapshot, describe_table, read_chunk};
+use crate::pipeline::copy::{begin_exported_snapshot, describe_table, read_chunk, table_order};
 use crate::sink::snapshot_state::{progress_query, read_state, SnapshotState};
 use crate::source::catalog::PgClient;
 use crate::source::sql::quote_qualified;
@@ -58,24 +57,6 @@ pub struct SnapshotReport {
     pub consistent_lsn: Lsn,
     /// Nothing was left to do.
     pub already_done: bool,
-}
-
-/// The mapped tables in copy order: node tables first (relationships from
-/// join tables then find their end nodes), each by name.
-fn table_order(mapping: &Mapping) -> Vec<String> {
-    let mut nodes: Vec<String> = Vec::new();
-    let mut joins: Vec<String> = Vec::new();
-    for (name, t) in &mapping.tables {
-        if t.node.is_some() {
-            nodes.push(name.clone());
-        } else {
-            joins.push(name.clone());
-        }
-    }
-    nodes.sort();
-    joins.sort();
-    nodes.extend(joins);
-    nodes
 }
 
 /// Copies every mapped table into the graph, each chunk under an exported

@@ -40,6 +40,8 @@ pub struct Status {
     pub process: Option<Process>,
     /// Why the graph could not be read (Neo4j unreachable), if it could not.
     pub neo4j_error: Option<String>,
+    /// Tables added to the mapping that `run` is still copying, if any.
+    pub backfill: Option<String>,
     /// Slot name.
     pub slot: String,
     /// Whether the slot exists.
@@ -142,6 +144,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         Ok(g) => (g, None),
         Err(e) => (
             GraphPart {
+                backfill: None,
                 checkpoint: None,
                 checkpoint_age_seconds: None,
                 commit_age_seconds: None,
@@ -153,6 +156,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         ),
     };
     let GraphPart {
+        backfill,
         checkpoint,
         checkpoint_age_seconds,
         commit_age_seconds,
@@ -175,6 +179,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     Ok(Status {
         process,
         neo4j_error,
+        backfill,
         slot: cfg.postgres.slot.clone(),
         slot_exists: slot.is_some(),
         slot_active,
@@ -199,6 +204,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
 
 /// What the graph holds: the checkpoint and the counts (and samples).
 struct GraphPart {
+    backfill: Option<String>,
     checkpoint: Option<Lsn>,
     checkpoint_age_seconds: Option<f64>,
     commit_age_seconds: Option<f64>,
@@ -310,7 +316,26 @@ async fn graph_part(
             }
         }
     }
+    let backfill = match crate::sink::snapshot_state::read_state(&sink, &cfg.postgres.slot).await? {
+        Some(s) if s.done => {
+            let left: Vec<String> = crate::pipeline::copy::table_order(mapping)
+                .into_iter()
+                .filter(|t| !s.tables_done.contains(t))
+                .collect();
+            match (&s.table, left.is_empty()) {
+                (_, true) => None,
+                (Some(t), false) => Some(format!(
+                    "copying {t} while streaming (after key ({})); left: {}",
+                    s.last_key.unwrap_or_default().join(", "),
+                    left.join(", ")
+                )),
+                (None, false) => Some(format!("to copy while streaming: {}", left.join(", "))),
+            }
+        }
+        _ => None,
+    };
     Ok(GraphPart {
+        backfill,
         checkpoint,
         checkpoint_age_seconds,
         commit_age_seconds,
@@ -373,6 +398,9 @@ pub fn render(s: &Status) -> String {
                 p.batch_failing_seconds
             ));
         }
+    }
+    if let Some(b) = &s.backfill {
+        out.push_str(&format!("backfill                 {b}\n"));
     }
     if let Some(e) = &s.neo4j_error {
         out.push_str(&format!("Neo4j unreadable           {e}\n"));

@@ -19,6 +19,7 @@ use tokio_postgres::SimpleQueryMessage;
 use crate::decode::message::{RelationBody, RelationColumn, TupleValue};
 use crate::decode::{decode_row, RelationCache};
 use crate::lsn::Lsn;
+use crate::mapping::Mapping;
 use crate::source::catalog::{base_types, FIRST_USER_OID};
 use crate::source::sql::{quote_ident, quote_literal, quote_qualified};
 use crate::source::{ConnInfo, ReplicationStream};
@@ -34,6 +35,24 @@ pub struct Table {
     pub key: Vec<(String, usize, String)>,
     /// The table's shape, as a Relation message would give it.
     pub relation: Arc<crate::decode::Relation>,
+}
+
+/// The mapped tables in copy order: node tables first (relationships from
+/// join tables then find their end nodes), each by name.
+pub fn table_order(mapping: &Mapping) -> Vec<String> {
+    let mut nodes: Vec<String> = Vec::new();
+    let mut joins: Vec<String> = Vec::new();
+    for (name, t) in &mapping.tables {
+        if t.node.is_some() {
+            nodes.push(name.clone());
+        } else {
+            joins.push(name.clone());
+        }
+    }
+    nodes.sort();
+    joins.sort();
+    nodes.extend(joins);
+    nodes
 }
 
 /// Reads up to `limit` rows of `t` after the key `after` (text values), in

@@ -35,6 +35,7 @@ use crate::source::SourceError;
 use crate::transactions::AssembleError;
 use stream::stream_once;
 
+mod backfill;
 pub mod copy;
 pub mod preflight;
 pub mod replay;
@@ -83,6 +84,9 @@ pub enum RunError {
     /// A mapped table was dropped or renamed while walgraph ran.
     #[error("{0}")]
     TableChanged(String),
+    /// Copying a table added to the mapping failed.
+    #[error(transparent)]
+    Backfill(#[from] backfill::BackfillError),
 }
 
 impl RunError {
@@ -92,6 +96,7 @@ impl RunError {
             RunError::Source(e) => e.is_transient(),
             RunError::Sink(e) => e.is_transient(),
             RunError::Catalog(e) => e.is_transient(),
+            RunError::Backfill(e) => e.transient,
             _ => false,
         }
     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use super::backfill::Backfill;
 use super::preflight::Prepared;
 use super::replay::ReplayRange;
 use super::writer::{sink_task, SinkEvent};
@@ -103,6 +104,17 @@ pub(super) async fn stream_once(
         event_tx,
     ));
     let _abort_sink = AbortOnDrop(sink_handle);
+    // Tables added to the mapping after the snapshot, copied between the
+    // stream's batches (not during a replay).
+    let mut backfill = match replay {
+        None => Backfill::start(p, &cfg.postgres.slot, cfg.batch.max_changes, metrics).await?,
+        Some(_) => None,
+    };
+    // The checkpoint last written, which a backfill chunk writes again.
+    let mut stored = checkpoint;
+    // A stream batch went out since the last chunk: the next turn is the
+    // backfill's, so the stream takes nothing until the chunk is read.
+    let mut chunk_next = false;
 
     let mapper = Mapper::new(Arc::clone(&p.mapping));
     let mut assembler = Assembler::with_spill(cfg.postgres.spill());
@@ -127,7 +139,11 @@ pub(super) async fn stream_once(
     let result: Result<(), RunError> = loop {
         let pending = assembler.has_parts();
         let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
-        let can_take = pending && batcher.changes() < max_changes;
+        let can_take = pending
+            && batcher.changes() < max_changes
+            && !(chunk_next && open.is_none() && backfill.is_some());
+        let can_backfill =
+            backfill.is_some() && in_flight.is_none() && batcher.is_empty() && open.is_none();
         let can_dispatch = in_flight.is_none() && !batcher.is_empty();
         tokio::select! {
             biased;
@@ -138,6 +154,7 @@ pub(super) async fn stream_once(
                 Some(SinkEvent::Committed(b)) => {
                     debug_assert!(b.end_lsn >= flushed, "commits arrive in order");
                     flushed = flushed.max(b.end_lsn);
+                    stored = b.checkpoint();
                     in_flight = None;
                     applied_changes += b.changes as u64;
                     metrics.changes.fetch_add(b.changes as u64, Ordering::Relaxed);
@@ -181,6 +198,7 @@ pub(super) async fn stream_once(
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
                 in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
                 deadline = None;
+                chunk_next = backfill.is_some();
             }
             // 5. Parts of a committed transaction, until the batch is full;
             //    a transaction larger than a batch continues in the next.
@@ -228,6 +246,22 @@ pub(super) async fn stream_once(
                 ReplicationEvent::End => break Err(SourceError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof, "the server ended replication")).into()),
             },
+            // 7. Last, when nothing else is ready and all the stream has
+            //    taken is committed: a chunk of a table added to the mapping
+            //    (see the backfill module for why this order is exact).
+            _ = std::future::ready(()), if can_backfill => {
+                if let Some(bf) = backfill.as_mut() {
+                    let b = bf.next_batch(&p.mapping, stored).await?;
+                    in_flight = Some(b.end_lsn);
+                    chunk_next = false;
+                    if batch_tx.send(b).await.is_err() {
+                        break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
+                    }
+                    if bf.is_done() {
+                        backfill = None;
+                    }
+                }
+            }
         }
         if past_end {
             break Ok(());
@@ -236,6 +270,7 @@ pub(super) async fn stream_once(
         if in_flight.is_none() && batcher.changes() >= max_changes {
             in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
             deadline = None;
+            chunk_next = backfill.is_some();
         }
     };
 

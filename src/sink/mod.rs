@@ -421,6 +421,7 @@ fn statements(batch: &Batch) -> impl Iterator<Item = Query> + '_ {
     batch
         .statements
         .iter()
+        .chain(&batch.after)
         .map(|st| query(&st.cypher).param("rows", BoltType::List(st.rows.clone())))
 }
 

@@ -1,0 +1,294 @@
+//! Tables added to the mapping after the snapshot: `run` copies their rows
+//! while it streams (issue 11), exactly, across a SIGKILL.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use walgraph::commands::reconcile::{reconcile, ReconcileOptions};
+use walgraph::commands::snapshot::{snapshot, SnapshotOptions};
+use walgraph::config::Config;
+
+use crate::support::{eventually, free_address, http_get, pg, Fixture, SERVICES};
+
+const DDL: &str = "
+    CREATE TABLE {s}.items (id int PRIMARY KEY, qty int NOT NULL);
+    CREATE TABLE {s}.notes (id int PRIMARY KEY, item_id int, n int NOT NULL, body text);
+    ALTER TABLE {s}.notes ALTER COLUMN body SET STORAGE EXTERNAL;
+    INSERT INTO {s}.items SELECT g, g FROM generate_series(1, 200) g;
+    INSERT INTO {s}.notes SELECT g, g % 200 + 1, 0,
+        CASE WHEN g % 97 = 0 THEN repeat('x', 100000) ELSE 'short ' || g END
+    FROM generate_series(1, 8000) g;";
+
+const ITEMS: &str = r#"
+[[node]]
+table = "{s}.items"
+label = "{p}Item"
+"#;
+
+const NOTES: &str = r#"
+[[node]]
+table = "{s}.notes"
+label = "{p}Note"
+
+[[relationship]]
+table = "{s}.notes"
+type = "{p}ABOUT"
+from = { label = "{p}Note", columns = ["id"] }
+to = { label = "{p}Item", columns = ["item_id"] }
+"#;
+
+/// The snapshot record's tables copied and rows, as the graph has it.
+async fn copied(fx: &Fixture) -> (Vec<String>, Option<String>, i64) {
+    let rows = fx
+        .graph
+        .execute(
+            neo4rs::query(
+                "MATCH (s:WalgraphSnapshot {slot: $slot}) \
+                 RETURN s.tables_done AS done, s.table AS table, s.rows AS rows",
+            )
+            .param("slot", fx.config.postgres.slot.as_str()),
+        )
+        .await;
+    let Ok(mut rows) = rows else {
+        return (Vec::new(), None, 0);
+    };
+    match rows.next().await {
+        Ok(Some(r)) => (
+            r.get::<Vec<String>>("done").unwrap_or_default(),
+            r.get::<String>("table").ok(),
+            r.get::<i64>("rows").unwrap_or(0),
+        ),
+        _ => (Vec::new(), None, 0),
+    }
+}
+
+/// Changes rows of both tables until told to stop: updates that leave the
+/// TOASTed body out, foreign keys moved, deletes, inserts, key changes.
+fn writer(
+    fx: &Fixture,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let env = fx.env.clone();
+    let s = fx.schema.clone();
+    tokio::spawn(async move {
+        let pg = pg(&env).await;
+        let mut i: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let id = fastrand::i64(1..=8000);
+            let sql = match i % 6 {
+                0 => format!("UPDATE {s}.notes SET n = n + 1 WHERE id = {id}"),
+                1 => format!(
+                    "UPDATE {s}.notes SET item_id = {} WHERE id = {id}",
+                    fastrand::i64(1..=200)
+                ),
+                2 => format!("DELETE FROM {s}.notes WHERE id = {id}"),
+                3 => format!(
+                    "INSERT INTO {s}.notes VALUES ({}, {}, 1, 'new') ON CONFLICT DO NOTHING",
+                    8000 + i,
+                    fastrand::i64(1..=200)
+                ),
+                4 => format!("UPDATE {s}.notes SET id = {} WHERE id = {id}", 100_000 + i),
+                _ => format!(
+                    "UPDATE {s}.items SET qty = qty + 1 WHERE id = {}",
+                    fastrand::i64(1..=200)
+                ),
+            };
+            if pg.batch_execute(&sql).await.is_ok() {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+}
+
+async fn reconcile_report(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
+    reconcile(
+        cfg,
+        &ReconcileOptions {
+            table: None,
+            repair: false,
+            chunk_rows: 1000,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reconcile: {}", walgraph::error_sentence(&e)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_mapping_is_copied_while_run_streams_even_across_a_sigkill() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(DDL, ITEMS).await;
+    fx.setup().await;
+    snapshot(
+        &fx.config,
+        &SnapshotOptions {
+            chunk_rows: 1000,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    let (done, _, snapshot_rows) = copied(&fx).await;
+    assert_eq!(done.len(), 1, "{done:?}");
+
+    // The notes join the mapping; `setup` adds them to the publication.
+    let both = format!("{ITEMS}{NOTES}")
+        .replace("{s}", &fx.schema)
+        .replace("{p}", &fx.prefix);
+    let parsed = Config::parse(&both).expect("mapping");
+    fx.config.nodes = parsed.nodes;
+    fx.config.relationships = parsed.relationships;
+    fx.setup().await;
+    let addr = free_address();
+    let config = fx.config_file(
+        "run.toml",
+        &format!("[batch]\nmax_changes = 200\n[http]\nlisten = \"{addr}\""),
+        &format!("{ITEMS}{NOTES}"),
+    );
+    let config = config.to_string_lossy().to_string();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let w = writer(&fx, Arc::clone(&stop), Arc::clone(&writes));
+    let mut run = fx.spawn(&["--config", &config, "run"]);
+    // Killed in the middle of the copy, with the writer going on.
+    eventually(
+        Duration::from_secs(60),
+        "the copy to be under way",
+        || async {
+            let (_, table, rows) = copied(&fx).await;
+            (table.is_some_and(|t| t.ends_with(".notes")) && rows > snapshot_rows + 1000)
+                .then_some(())
+        },
+    )
+    .await;
+    run.start_kill().expect("SIGKILL");
+    let _ = run.wait().await;
+    let (done, _, rows_at_kill) = copied(&fx).await;
+    assert_eq!(
+        done.len(),
+        1,
+        "the copy was killed before its end: {done:?}"
+    );
+    // Rows at or below the last key copied before the kill: a copy that
+    // started over would read them again.
+    let mut r = fx
+        .graph
+        .execute(
+            neo4rs::query("MATCH (s:WalgraphSnapshot {slot: $slot}) RETURN s.last_key[0] AS k")
+                .param("slot", fx.config.postgres.slot.as_str()),
+        )
+        .await
+        .expect("last key");
+    let last_key: i64 = r
+        .next()
+        .await
+        .expect("row")
+        .and_then(|row| row.get::<String>("k").ok())
+        .and_then(|k| k.parse().ok())
+        .expect("a last key while the copy is under way");
+    let at_or_below: i64 = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.notes WHERE id <= {last_key}",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    let writes_before = writes.load(Ordering::Relaxed);
+
+    let mut run = fx.spawn(&["--config", &config, "run"]);
+    eventually(Duration::from_secs(120), "the copy to finish", || async {
+        let (done, _, _) = copied(&fx).await;
+        (done.len() == 2).then_some(())
+    })
+    .await;
+    let metrics = http_get(&addr.to_string(), "/metrics")
+        .await
+        .expect("metrics")
+        .1;
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+    assert!(
+        writes.load(Ordering::Relaxed) > writes_before,
+        "rows changed while the copy resumed"
+    );
+    let (_, _, rows_total) = copied(&fx).await;
+    let above: i64 = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.notes WHERE id > {last_key}",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        rows_total - rows_at_kill <= above + at_or_below / 2,
+        "the copy resumed after its last chunk ({last_key}) rather than from the start: {rows_at_kill} then {rows_total}; {at_or_below} rows at or below, {above} above"
+    );
+    assert!(
+        walgraph::http::metric(&metrics, "walgraph_backfill_rows_total").unwrap_or(0.0) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        walgraph::http::metric(&metrics, "walgraph_backfill_tables_left"),
+        Some(0.0),
+        "{metrics}"
+    );
+    // Caught up, the graph equals the database.
+    let report = eventually(
+        Duration::from_secs(60),
+        "the graph to equal the database",
+        || async {
+            let r = reconcile_report(&fx.config).await;
+            r.iter().all(|t| !t.differs()).then_some(r)
+        },
+    )
+    .await;
+    let notes = fx
+        .cypher("MATCH (n:{p}Note) WHERE n._lsn IS NOT NULL RETURN count(n) AS n")
+        .await;
+    let rows: i64 = fx
+        .pg
+        .query_one(&format!("SELECT count(*) FROM {}.notes", fx.schema), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(notes, vec![serde_json::json!({"n": rows})], "{report:?}");
+    let long = fx
+        .cypher("MATCH (n:{p}Note) WHERE size(n.body) = 100000 RETURN count(n) AS n")
+        .await;
+    let long_rows: i64 = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.notes WHERE length(body) = 100000",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        long,
+        vec![serde_json::json!({"n": long_rows})],
+        "TOASTed values copied"
+    );
+    let _ = run.start_kill();
+    let _ = run.wait().await;
+    fx.cleanup().await;
+}
