@@ -292,3 +292,115 @@ async fn a_table_added_to_the_mapping_is_copied_while_run_streams_even_across_a_
     let _ = run.wait().await;
     fx.cleanup().await;
 }
+
+/// Counts of `MATCH (n:{p}Item) WHERE <cond>`.
+async fn items_where(fx: &Fixture, cond: &str) -> i64 {
+    fx.cypher(&format!(
+        "MATCH (n:{{p}}Item) WHERE {cond} RETURN count(n) AS n"
+    ))
+    .await
+    .first()
+    .and_then(|r| r["n"].as_i64())
+    .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_added_dropped_renamed_or_retyped_are_followed_running_or_stopped() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, a int NOT NULL, b text, c int, d text, e int);
+         INSERT INTO {s}.items SELECT g, g, 'b' || g, g, repeat('d', g % 7), g FROM generate_series(1, 3000) g;",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\nexclude = [\"e\"]\n",
+    )
+    .await;
+    fx.config.batch.max_changes = 500;
+    fx.setup().await;
+    snapshot(
+        &fx.config,
+        &SnapshotOptions {
+            chunk_rows: 1000,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    let run = fx.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let env = fx.env.clone();
+        let s = fx.schema.clone();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let pg = pg(&env).await;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = pg
+                    .batch_execute(&format!(
+                        "UPDATE {s}.items SET a = a + 1 WHERE id = {}",
+                        fastrand::i64(1..=3000)
+                    ))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // While run streams and rows keep changing: a column added with a
+    // default (no WAL for the rows it fills), one dropped, one renamed, one
+    // given another type.
+    fx.sql(
+        "ALTER TABLE {s}.items ADD COLUMN f int DEFAULT 7;
+         ALTER TABLE {s}.items DROP COLUMN b;
+         ALTER TABLE {s}.items RENAME COLUMN c TO c2;
+         ALTER TABLE {s}.items ALTER COLUMN d TYPE int USING length(d);",
+    )
+    .await;
+    eventually(Duration::from_secs(90), "the graph to follow the columns", || async {
+        let left = items_where(
+            &fx,
+            "n.b IS NOT NULL OR n.c IS NOT NULL OR n.f IS NULL OR n.c2 IS NULL OR valueType(n.d) <> 'INTEGER NOT NULL'",
+        )
+        .await;
+        (left == 0).then_some(())
+    })
+    .await;
+    assert!(
+        !run.handle.is_finished(),
+        "run goes on after the columns changed"
+    );
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+    let report = eventually(
+        Duration::from_secs(60),
+        "the graph to equal the database",
+        || async {
+            let r = reconcile_report(&fx.config).await;
+            r.iter().all(|t| !t.differs()).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(items_where(&fx, "n.e IS NOT NULL").await, 0, "{report:?}");
+    run.stop().await;
+
+    // While walgraph is stopped: found at the next start.
+    fx.sql(
+        "ALTER TABLE {s}.items ADD COLUMN g text DEFAULT 'gee';
+         ALTER TABLE {s}.items DROP COLUMN a;",
+    )
+    .await;
+    let run = fx.start();
+    eventually(
+        Duration::from_secs(60),
+        "the graph to follow the columns",
+        || async {
+            let left = items_where(&fx, "n.a IS NOT NULL OR n.g IS NULL OR n.g <> 'gee'").await;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    let report = reconcile_report(&fx.config).await;
+    assert!(report.iter().all(|t| !t.differs()), "{report:?}");
+    assert_eq!(items_where(&fx, "true").await, 3000);
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -34,6 +34,8 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
                 "2",
                 "--big-txn",
                 "3000",
+                "--backfill",
+                "2000",
                 "--json",
                 &json.to_string_lossy(),
             ])
@@ -65,6 +67,7 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
             "one transaction per change",
             "pre-built batches to Neo4j",
             "steady rate, commit to graph",
+            "online backfill beside a steady rate",
             "one huge transaction",
         ]
     );
@@ -87,8 +90,14 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
     let p50 = lat[0].as_f64().expect("p50");
     let max = lat[3].as_f64().expect("max");
     assert!(p50 > 0.0 && p50 <= max, "{steady}");
-    assert_eq!(ms[7]["changes"].as_u64(), Some(3000));
-    assert!(ms[7]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
+    let backfill = &ms[7];
+    assert_eq!(backfill["changes"].as_u64(), Some(2000), "{backfill}");
+    assert!(
+        backfill["latency_ms"][2].as_f64().unwrap_or(0.0) > 0.0,
+        "the stream's latency during the copy: {backfill}"
+    );
+    assert_eq!(ms[8]["changes"].as_u64(), Some(3000));
+    assert!(ms[8]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
     assert_eq!(report["ratios"].as_array().map(Vec::len), Some(3));
 
     // Nothing left: no slot, schema or publication, no bench label.

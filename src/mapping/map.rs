@@ -386,7 +386,7 @@ impl Mapper {
                 // The new node first, while the old one is there to copy.
                 out.push(GraphOp::UpsertNode {
                     node: node_ref(new_key),
-                    props: props_of(rel, new, &node.props)?,
+                    props: props_of(rel, new, &node.props_for(&rel.columns))?,
                     lsn,
                     source: old_key.clone().map(|k| (node_ref(k), lsn)),
                 });

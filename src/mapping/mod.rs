@@ -48,6 +48,58 @@ pub struct NodeTarget {
     pub key_props: Vec<Arc<str>>,
     /// Non-key columns that become properties.
     pub props: Vec<PropertyMap>,
+    /// Without an `include` list the properties follow the table's columns
+    /// as they are now (see [`Follow`]); `None` with one.
+    pub follow: Option<Follow>,
+}
+
+/// How a `[[node]]` without an `include` list maps the columns a table has
+/// now: every column but the key and the excluded ones, renamed as the
+/// mapping says. `props` of the target is this applied to `columns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follow {
+    /// The table's columns at compile time, in order.
+    pub columns: Vec<String>,
+    /// Excluded columns.
+    pub exclude: Vec<String>,
+    /// Renamed columns.
+    pub rename: std::collections::BTreeMap<String, String>,
+}
+
+impl NodeTarget {
+    /// The properties of a row with these columns: the compiled ones while
+    /// the table has the columns it had, else what [`Follow`] makes of the
+    /// columns it has now (columns whose property name is not allowed are
+    /// left out).
+    pub fn props_for<'a>(
+        &'a self,
+        columns: &[crate::decode::Column],
+    ) -> std::borrow::Cow<'a, [PropertyMap]> {
+        let Some(f) = &self.follow else {
+            return std::borrow::Cow::Borrowed(&self.props);
+        };
+        if f.columns.len() == columns.len()
+            && f.columns.iter().zip(columns).all(|(a, b)| *a == b.name)
+        {
+            return std::borrow::Cow::Borrowed(&self.props);
+        }
+        let mut seen: HashSet<&str> = self.key_props.iter().map(|p| &**p).collect();
+        let mut out = Vec::new();
+        for c in columns.iter().map(|c| &c.name) {
+            if self.key_columns.contains(c) || f.exclude.contains(c) {
+                continue;
+            }
+            let p = f.rename.get(c).unwrap_or(c);
+            if !is_identifier(p) || p == "_lsn" || !seen.insert(p.as_str()) {
+                continue;
+            }
+            out.push(PropertyMap {
+                column: c.clone(),
+                property: Arc::from(p.as_str()),
+            });
+        }
+        std::borrow::Cow::Owned(out)
+    }
 }
 
 /// A compiled relationship endpoint.
@@ -365,6 +417,11 @@ pub fn compile(
             key_columns: key,
             key_props,
             props,
+            follow: n.include.is_none().then(|| Follow {
+                columns: info.columns.clone(),
+                exclude: n.exclude.clone(),
+                rename: n.rename.clone(),
+            }),
         };
         labels.insert(n.label.clone(), target.clone());
         label_tables.insert(n.label.clone(), &n.table);

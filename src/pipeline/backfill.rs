@@ -44,12 +44,17 @@ use crate::source::catalog::PgClient;
 
 /// The tables left to copy and where the copy stands.
 pub(super) struct Backfill {
-    reader: PgClient,
+    reader: Option<PgClient>,
     info: crate::source::ConnInfo,
     slot: String,
     temp_slot: String,
-    tables: VecDeque<Table>,
+    /// Tables to copy, in order; the first is described in `current`.
+    tables: VecDeque<String>,
+    current: Option<Table>,
     state: SnapshotState,
+    /// Statements to write with the last chunk of a table (the columns
+    /// it is now followed with).
+    on_done: std::collections::HashMap<String, Statement>,
     chunk_rows: usize,
     mapper: Mapper,
     metrics: Arc<Metrics>,
@@ -96,9 +101,11 @@ fn is_transient(e: &anyhow::Error) -> bool {
 }
 
 impl Backfill {
-    /// The backfill `run` owes, if any: the mapped tables the completed
-    /// snapshot of the slot did not copy. Tables it copied that are no
-    /// longer mapped are forgotten first.
+    /// The backfill `run` owes: the mapped tables the completed snapshot of
+    /// the slot did not copy (tables it copied that are no longer mapped are
+    /// forgotten first). `None` without a sink. Without any snapshot record
+    /// nothing is owed, but a table can still be copied again later
+    /// ([`Backfill::recopy`]).
     pub(super) async fn start(
         p: &Prepared,
         slot: &str,
@@ -108,58 +115,53 @@ impl Backfill {
         let Some(sink) = &p.sink else {
             return Ok(None);
         };
-        let Some(mut state) = read_state(sink, slot).await.map_err(|e| {
-            RunError::NotReady(format!("cannot read the snapshot state from Neo4j: {e}"))
-        })?
-        else {
-            // No snapshot taken: `run` streams what changes from here on.
-            return Ok(None);
-        };
-        if !state.done {
-            return Ok(None);
-        }
         let order = table_order(&p.mapping);
-        let before = state.tables_done.len();
-        state.tables_done.retain(|t| order.contains(t));
-        if state.tables_done.len() != before {
-            tracing::info!("tables taken out of the mapping are forgotten by the snapshot record; adding one back copies it again");
-            sink.apply_with(
-                &Batcher::new().take(&p.mapping),
-                progress_query(slot, &state, Lsn::ZERO),
-            )
-            .await?;
-        }
-        let todo: Vec<String> = order
-            .into_iter()
-            .filter(|t| !state.tables_done.contains(t))
-            .collect();
-        metrics
-            .backfill_tables_left
-            .store(todo.len() as u64, Ordering::Relaxed);
-        if todo.is_empty() {
-            return Ok(None);
-        }
-        let reader = PgClient::connect(&p.info).await?;
-        let catalog = reader.catalog(&todo).await?;
-        let mut tables = VecDeque::new();
-        for name in &todo {
-            let pk = catalog
-                .get(name)
-                .map(|t| t.primary_key.clone())
-                .unwrap_or_default();
-            let t = describe_table(reader.client(), name, &pk)
-                .await
-                .map_err(|e| BackfillError::new(name, &e))?;
-            tables.push_back(t);
-        }
-        // Progress of a table whose copy was interrupted is kept only for it.
+        let read = read_state(sink, slot).await.map_err(|e| {
+            RunError::NotReady(format!("cannot read the snapshot state from Neo4j: {e}"))
+        })?;
+        let (mut state, todo) = match read {
+            Some(mut state) if state.done => {
+                let before = state.tables_done.len();
+                state.tables_done.retain(|t| order.contains(t));
+                if state.tables_done.len() != before {
+                    tracing::info!("tables taken out of the mapping are forgotten by the snapshot record; adding one back copies it again");
+                    sink.apply_with(
+                        &Batcher::new().take(&p.mapping),
+                        progress_query(slot, &state, Lsn::ZERO),
+                    )
+                    .await?;
+                }
+                let todo: Vec<String> = order
+                    .iter()
+                    .filter(|t| !state.tables_done.contains(t))
+                    .cloned()
+                    .collect();
+                (state, todo)
+            }
+            // No snapshot taken: nothing is owed; should a table need
+            // copying again, the record made then says every other mapped
+            // table is as `run` found it.
+            _ => (
+                SnapshotState {
+                    done: true,
+                    tables_done: order.clone(),
+                    ..SnapshotState::default()
+                },
+                Vec::new(),
+            ),
+        };
         if state.table.as_ref().is_some_and(|t| !todo.contains(t)) {
             state.table = None;
             state.last_key = None;
         }
-        tracing::info!(tables = ?todo, "copying tables added to the mapping while streaming");
+        metrics
+            .backfill_tables_left
+            .store(todo.len() as u64, Ordering::Relaxed);
+        if !todo.is_empty() {
+            tracing::info!(tables = ?todo, "copying tables added to the mapping while streaming");
+        }
         Ok(Some(Backfill {
-            reader,
+            reader: None,
             info: p.info.clone(),
             slot: slot.to_string(),
             temp_slot: format!(
@@ -167,8 +169,10 @@ impl Backfill {
                 std::process::id(),
                 fastrand::u32(..)
             ),
-            tables,
+            tables: todo.into(),
+            current: None,
             state,
+            on_done: std::collections::HashMap::new(),
             chunk_rows: chunk_rows.max(1),
             mapper: Mapper::new(Arc::clone(&p.mapping)),
             metrics: Arc::clone(metrics),
@@ -180,6 +184,25 @@ impl Backfill {
         self.tables.is_empty()
     }
 
+    /// Copies `table` again from its first key (its columns changed), and
+    /// writes `record` with its last chunk.
+    pub(super) fn recopy(&mut self, table: &str, record: Statement) {
+        self.on_done.insert(table.to_string(), record);
+        self.state.tables_done.retain(|t| t != table);
+        if self.tables.front().is_some_and(|t| t == table) {
+            // Under way: start it over, from the table as it is now.
+            self.current = None;
+            self.state.table = None;
+            self.state.last_key = None;
+        } else if !self.tables.iter().any(|t| t == table) {
+            self.tables.push_back(table.to_string());
+        }
+        self.metrics
+            .backfill_tables_left
+            .store(self.tables.len() as u64, Ordering::Relaxed);
+        tracing::info!(%table, "copying the table again while streaming: its columns changed");
+    }
+
     /// Reads the next chunk and makes the batch that writes it with its
     /// progress, keeping `stored` as the checkpoint. Call only when all the
     /// stream has taken is committed in Neo4j (see the module's invariants).
@@ -188,15 +211,34 @@ impl Backfill {
         mapping: &crate::mapping::Mapping,
         stored: Checkpoint,
     ) -> Result<Batch, RunError> {
-        let Some(t) = self.tables.front() else {
+        let Some(name) = self.tables.front().cloned() else {
             return Err(RunError::NotReady("no table is left to backfill".into()));
         };
-        let name = t.name.clone();
+        if self.reader.is_none() {
+            self.reader = Some(PgClient::connect(&self.info).await?);
+        }
+        let Some(reader) = self.reader.as_ref() else {
+            return Err(RunError::NotReady("no connection to copy with".into()));
+        };
+        let c = reader.client();
+        if self.current.is_none() {
+            let catalog = reader.catalog(std::slice::from_ref(&name)).await?;
+            let pk = catalog
+                .get(&name)
+                .map(|t| t.primary_key.clone())
+                .unwrap_or_default();
+            let t = describe_table(c, &name, &pk)
+                .await
+                .map_err(|e| BackfillError::new(&name, &e))?;
+            self.current = Some(t);
+        }
+        let Some(t) = self.current.as_ref() else {
+            return Err(RunError::NotReady("no table is being copied".into()));
+        };
         let after = match &self.state.table {
             Some(n) if *n == name => self.state.last_key.clone(),
             _ => None,
         };
-        let c = self.reader.client();
         let consistent = begin_exported_snapshot(&self.info, c, &self.temp_slot)
             .await
             .map_err(|e| BackfillError::new(&name, &e))?;
@@ -223,6 +265,10 @@ impl Backfill {
             self.state.table = None;
             self.state.last_key = None;
             self.tables.pop_front();
+            self.current = None;
+            if let Some(record) = self.on_done.remove(&name) {
+                batch.after.push(record);
+            }
             self.metrics
                 .backfill_tables_left
                 .store(self.tables.len() as u64, Ordering::Relaxed);

@@ -37,6 +37,7 @@ use stream::stream_once;
 
 mod backfill;
 pub mod copy;
+mod follow;
 pub mod preflight;
 pub mod replay;
 mod stream;

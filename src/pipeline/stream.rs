@@ -12,6 +12,7 @@
 //! - reading stops while the next batch is full and one is in flight, but
 //!   status updates keep going out.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use super::backfill::Backfill;
+use super::follow::{ColumnWatch, REMOVE_STEP};
 use super::preflight::Prepared;
 use super::replay::ReplayRange;
 use super::writer::{sink_task, SinkEvent};
@@ -110,6 +112,15 @@ pub(super) async fn stream_once(
         None => Backfill::start(p, &cfg.postgres.slot, cfg.batch.max_changes, metrics).await?,
         Some(_) => None,
     };
+    // Tables mapped without an `include` list follow their columns: what
+    // the graph owes for a change of them, done between batches.
+    let (mut watch, mut followups) = match (&p.sink, replay) {
+        (Some(sink), None) => {
+            let (w, owed) = ColumnWatch::start(p, sink, &cfg.postgres.slot).await?;
+            (Some(w), VecDeque::from(owed))
+        }
+        _ => (None, VecDeque::new()),
+    };
     // The checkpoint last written, which a backfill chunk writes again.
     let mut stored = checkpoint;
     // A stream batch went out since the last chunk: the next turn is the
@@ -139,11 +150,10 @@ pub(super) async fn stream_once(
     let result: Result<(), RunError> = loop {
         let pending = assembler.has_parts();
         let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
-        let can_take = pending
-            && batcher.changes() < max_changes
-            && !(chunk_next && open.is_none() && backfill.is_some());
-        let can_backfill =
-            backfill.is_some() && in_flight.is_none() && batcher.is_empty() && open.is_none();
+        let owed = !followups.is_empty() || backfill.as_ref().is_some_and(|b| !b.is_done());
+        let can_take =
+            pending && batcher.changes() < max_changes && !(chunk_next && open.is_none() && owed);
+        let can_backfill = owed && in_flight.is_none() && batcher.is_empty() && open.is_none();
         let can_dispatch = in_flight.is_none() && !batcher.is_empty();
         tokio::select! {
             biased;
@@ -198,7 +208,7 @@ pub(super) async fn stream_once(
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
                 in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
                 deadline = None;
-                chunk_next = backfill.is_some();
+                chunk_next = true;
             }
             // 5. Parts of a committed transaction, until the batch is full;
             //    a transaction larger than a batch continues in the next.
@@ -209,6 +219,11 @@ pub(super) async fn stream_once(
                     }
                     let part = assembler.next_part().map_err(|source| RunError::Stream { lsn: wal_start, source })?;
                     let Some(part) = part else { break };
+                    if let (TxnPart::Change(c), Some(w)) = (&part, watch.as_mut()) {
+                        if let Some(f) = w.observe(&c.relation) {
+                            followups.push_back(f);
+                        }
+                    }
                     let was_empty = batcher.is_empty();
                     if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher)? {
                         past_end = true;
@@ -250,15 +265,30 @@ pub(super) async fn stream_once(
             //    taken is committed: a chunk of a table added to the mapping
             //    (see the backfill module for why this order is exact).
             _ = std::future::ready(()), if can_backfill => {
-                if let Some(bf) = backfill.as_mut() {
+                chunk_next = false;
+                if let Some(f) = followups.front_mut() {
+                    // Columns gone first, a step at a time; then the copy
+                    // (or just the record) of the columns now followed.
+                    if !f.remove.is_empty() {
+                        if let Some(sink) = &p.sink {
+                            let n = sink.remove_properties(&f.label, &f.remove, REMOVE_STEP).await?;
+                            tracing::debug!(table = %f.table, removed_from = n, "properties of gone columns removed");
+                            if n < REMOVE_STEP as u64 {
+                                f.remove.clear();
+                            }
+                        }
+                    } else if let Some(f) = followups.pop_front() {
+                        match (f.recopy, backfill.as_mut(), &p.sink) {
+                            (true, Some(bf), _) => bf.recopy(&f.table, f.record),
+                            (_, _, Some(sink)) => sink.run_statement(&f.record).await?,
+                            _ => {}
+                        }
+                    }
+                } else if let Some(bf) = backfill.as_mut() {
                     let b = bf.next_batch(&p.mapping, stored).await?;
                     in_flight = Some(b.end_lsn);
-                    chunk_next = false;
                     if batch_tx.send(b).await.is_err() {
                         break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
-                    }
-                    if bf.is_done() {
-                        backfill = None;
                     }
                 }
             }
@@ -270,7 +300,7 @@ pub(super) async fn stream_once(
         if in_flight.is_none() && batcher.changes() >= max_changes {
             in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
             deadline = None;
-            chunk_next = backfill.is_some();
+            chunk_next = true;
         }
     };
 

@@ -402,6 +402,50 @@ impl Sink {
         .await
     }
 
+    /// Removes `props` from up to `limit` nodes of `label` that have any of
+    /// them; returns how many nodes it changed (fewer than `limit`: done).
+    pub async fn remove_properties(
+        &self,
+        label: &str,
+        props: &[std::sync::Arc<str>],
+        limit: usize,
+    ) -> Result<u64, SinkError> {
+        let q = crate::mapping::quote;
+        let any = props
+            .iter()
+            .map(|p| format!("n.{} IS NOT NULL", q(p)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let remove = props
+            .iter()
+            .map(|p| format!("n.{}", q(p)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cypher = format!(
+            "MATCH (n:{}) WHERE {any} WITH n LIMIT $limit REMOVE {remove} RETURN count(n) AS c",
+            q(label)
+        );
+        let rows = self
+            .fetch(
+                "removing dropped columns' properties",
+                query(&cypher).param("limit", i64::try_from(limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.get::<i64>("c").ok())
+            .and_then(|c| u64::try_from(c).ok())
+            .unwrap_or(0))
+    }
+
+    /// Runs one statement in a transaction of its own.
+    pub async fn run_statement(&self, st: &crate::batch::Statement) -> Result<(), SinkError> {
+        self.commit_all(std::iter::once(
+            query(&st.cypher).param("rows", BoltType::List(st.rows.clone())),
+        ))
+        .await
+    }
+
     /// Runs a read query and collects its rows (small results only).
     pub(super) async fn fetch(&self, what: &str, q: Query) -> Result<Vec<neo4rs::Row>, SinkError> {
         self.timed(what, async {

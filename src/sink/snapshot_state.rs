@@ -72,3 +72,47 @@ pub fn progress_query(slot: &str, state: &SnapshotState, lsn: Lsn) -> Query {
     .param("rows", i64::try_from(state.rows).unwrap_or(i64::MAX))
     .param("lsn_text", lsn.to_string())
 }
+
+/// The columns (`name:type-oid`) each table was last copied or followed
+/// with, by table: `(:WalgraphTable {slot, table, columns})`. Tables
+/// without a record are missing.
+pub async fn read_tables(
+    sink: &Sink,
+    slot: &str,
+) -> Result<std::collections::HashMap<String, Vec<String>>, neo4rs::Error> {
+    let mut rows = sink
+        .graph()
+        .execute(
+            query("MATCH (t:WalgraphTable {slot: $slot}) RETURN t.table AS table, t.columns AS columns")
+                .param("slot", slot),
+        )
+        .await?;
+    let mut out = std::collections::HashMap::new();
+    while let Some(row) = rows.next().await? {
+        if let Ok(t) = row.get::<String>("table") {
+            out.insert(t, row.get::<Vec<String>>("columns").unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+/// Records the columns `table` is followed with, as a batch statement.
+pub fn table_statement(slot: &str, table: &str, columns: &[String]) -> crate::batch::Statement {
+    use neo4rs::{BoltList, BoltString, BoltType};
+    let list = BoltType::List(BoltList::from(
+        columns
+            .iter()
+            .map(|c| BoltType::String(BoltString::new(c)))
+            .collect::<Vec<_>>(),
+    ));
+    crate::batch::Statement {
+        cypher: "UNWIND $rows AS row MERGE (t:WalgraphTable {slot: row.slot, table: row.table}) \
+                 SET t.columns = row.columns, t.updated_at = datetime()"
+            .into(),
+        rows: BoltList::from(vec![crate::batch::cypher::row(vec![
+            ("slot", BoltType::String(BoltString::new(slot))),
+            ("table", BoltType::String(BoltString::new(table))),
+            ("columns", list),
+        ])]),
+    }
+}

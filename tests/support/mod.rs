@@ -487,7 +487,7 @@ impl Fixture {
             .graph
             .run(
                 query(
-                    "MATCH (n) WHERE (n:WalgraphCheckpoint OR n:WalgraphSnapshot) AND n.slot = $slot DETACH DELETE n",
+                    "MATCH (n) WHERE (n:WalgraphCheckpoint OR n:WalgraphSnapshot OR n:WalgraphTable) AND n.slot = $slot DETACH DELETE n",
                 )
                 .param("slot", slot.as_str()),
             )

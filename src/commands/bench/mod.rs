@@ -90,6 +90,11 @@ pub struct BenchOptions {
     /// walgraph's peak memory through it.
     #[arg(long)]
     pub big_txn: Option<u64>,
+    /// Also measure the online backfill: a table of this many rows added to
+    /// the mapping is copied by `run` while the steady workload streams
+    /// (its rows/s, and the stream's latency meanwhile).
+    #[arg(long)]
+    pub backfill: Option<u64>,
     /// Skip measurements, comma-separated: recvlogical, null, drain,
     /// per-change, prebuilt, steady.
     #[arg(long, value_delimiter = ',')]
@@ -127,6 +132,8 @@ to = {{ label = "{LABEL_PREFIX}{tag}Group", columns = ["grp"] }}
 struct Phase {
     cfg: Config,
     tag: String,
+    /// Mapping sections beyond the bench's own (TOML).
+    extra_mapping: String,
 }
 
 /// The bench's connections and scratch directory.
@@ -252,8 +259,11 @@ impl Bench {
             .await?;
         }
         g.run(
-            neo4rs::query("MATCH (c:WalgraphCheckpoint) WHERE c.slot STARTS WITH $p DELETE c")
-                .param("p", SLOT_PREFIX),
+            neo4rs::query(
+                "MATCH (c) WHERE (c:WalgraphCheckpoint OR c:WalgraphSnapshot OR c:WalgraphTable) \
+                 AND c.slot STARTS WITH $p DETACH DELETE c",
+            )
+            .param("p", SLOT_PREFIX),
         )
         .await?;
         Ok(())
@@ -278,6 +288,7 @@ impl Bench {
         Ok(Phase {
             cfg,
             tag: tag.into(),
+            extra_mapping: String::new(),
         })
     }
 
@@ -435,6 +446,12 @@ impl Bench {
                 report.measurements.push(m);
             }
         }
+        if let Some(rows) = opts.backfill {
+            let rate = opts.steady_rate.unwrap_or(1000).max(1);
+            eprintln!("bench: online backfill of {rows} rows beside {rate} changes/s");
+            let m = self.backfill(rows, rate, mix).await?;
+            report.measurements.push(m);
+        }
         if let Some(rows) = opts.big_txn {
             eprintln!("bench: one transaction of {rows} rows");
             let m = self.big_txn(rows).await?;
@@ -489,9 +506,9 @@ impl Bench {
 
 /// The config file a child `walgraph run` reads (connections come from the
 /// environment).
-fn child_toml(cfg: &Config, tag: &str, addr: &str) -> String {
+fn child_toml(cfg: &Config, tag: &str, addr: &str, extra_mapping: &str) -> String {
     format!(
-        "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[batch]\nmax_changes = {}\nmax_delay = \"{}\"\n[http]\nlisten = \"{addr}\"\n{}",
+        "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[batch]\nmax_changes = {}\nmax_delay = \"{}\"\n[http]\nlisten = \"{addr}\"\n{}\n{extra_mapping}",
         cfg.postgres.slot,
         cfg.postgres.publication,
         cfg.batch.max_changes,

@@ -13,6 +13,7 @@ use tokio::io::AsyncReadExt;
 use super::child::{find_pg_binary, metric, proc_stats, scrape, stop_child, tail, wait_ready};
 use super::{child_toml, Bench, Measurement, Phase, PUBLICATION, SCHEMA, SLOT_PREFIX};
 use crate::batch::{Batch, Batcher};
+use crate::config::Config;
 use crate::mapping::map::Mapper;
 use crate::pipeline::compile_mapping;
 use crate::sink::Sink;
@@ -168,7 +169,10 @@ impl Bench {
         let addr = format!("127.0.0.1:{port}");
         let path = self.dir.join(format!("{}.toml", cfg.postgres.slot));
         let log = self.dir.join(format!("{}.log", cfg.postgres.slot));
-        std::fs::write(&path, child_toml(cfg, &phase.tag, &addr))?;
+        std::fs::write(
+            &path,
+            child_toml(cfg, &phase.tag, &addr, &phase.extra_mapping),
+        )?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg("--config").arg(&path).arg("run");
         if null_sink {
@@ -335,6 +339,126 @@ impl Bench {
             wal_mib_per_sec: None,
             cpu_sec_per_million: Some((cpu - cpu0) / (w.changes.max(1) as f64 / 1e6)),
             peak_rss_mib: Some(peak),
+            latency_ms: Some([q("0.5"), q("0.95"), q("0.99"), q("1")]),
+        })
+    }
+
+    /// A table of `rows` rows added to the mapping after the snapshot:
+    /// `run` copies it while a steady workload of `rate` changes/s streams.
+    /// Reports the copy's rows/s and the stream's commit-to-graph latency
+    /// over the copy (compare with the steady runs).
+    pub(super) async fn backfill(
+        &self,
+        rows: u64,
+        rate: u64,
+        mix: [u64; 3],
+    ) -> anyhow::Result<Measurement> {
+        let c = self.client();
+        c.batch_execute(&format!(
+            "TRUNCATE {SCHEMA}.items;
+             DROP TABLE IF EXISTS {SCHEMA}.wide;
+             CREATE TABLE {SCHEMA}.wide (id bigint PRIMARY KEY, a bigint NOT NULL, b text NOT NULL);
+             INSERT INTO {SCHEMA}.wide SELECT g, g, 'row ' || g FROM generate_series(1, {rows}) g;
+             ALTER PUBLICATION {PUBLICATION} ADD TABLE {SCHEMA}.wide;"
+        ))
+        .await?;
+        self.create_slot("backfill").await?;
+        let mut phase = self.phase_config(
+            "backfill",
+            "F",
+            crate::config::BatchConfig::default().max_changes,
+            crate::config::BatchConfig::default().max_delay,
+        )?;
+        phase.extra_mapping = format!(
+            "[[node]]\ntable = \"{SCHEMA}.wide\"\nlabel = \"{}FWide\"\n",
+            super::LABEL_PREFIX
+        );
+        let extra = Config::parse(&phase.extra_mapping).map_err(|e| anyhow::anyhow!(e))?;
+        phase.cfg.nodes.extend(extra.nodes);
+        self.ensure_constraints(&phase).await?;
+        // As if a snapshot had copied the bench's own tables (empty) and
+        // `wide` joined the mapping afterwards.
+        let sink = Sink::connect(&phase.cfg.neo4j, &phase.cfg.postgres.slot).await?;
+        sink.graph()
+            .run(
+                neo4rs::query(
+                    "MERGE (s:WalgraphSnapshot {slot: $slot}) SET s.done = true, s.rows = 0, \
+                     s.tables_done = [$groups, $items]",
+                )
+                .param("slot", phase.cfg.postgres.slot.as_str())
+                .param("groups", format!("{SCHEMA}.groups"))
+                .param("items", format!("{SCHEMA}.items")),
+            )
+            .await?;
+        let (mut child, addr, log) = self.spawn_run(&phase, false).await?;
+        let pid = child.id().unwrap_or(0);
+        wait_ready(&mut child, &addr, &log).await?;
+        let cpu0 = proc_stats(pid).map_or(0.0, |s| s.0);
+        let started = Instant::now();
+        // The copy, watched while the workload is written.
+        let watch = async {
+            loop {
+                let m = scrape(&addr).await.unwrap_or_default();
+                let left = metric(&m, "walgraph_backfill_tables_left").unwrap_or(1.0);
+                let copied = metric(&m, "walgraph_backfill_rows_total").unwrap_or(0.0);
+                if left == 0.0 && copied as u64 >= rows {
+                    return Ok::<f64, anyhow::Error>(started.elapsed().as_secs_f64());
+                }
+                if started.elapsed() > Duration::from_secs(3600) {
+                    bail!("the backfill did not finish within an hour");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let steady = async {
+            let mut written = 0u64;
+            // Streams for as long as the copy runs (whole steady runs).
+            loop {
+                let w = self
+                    .write_workload(rate * self.opts.steady_secs.max(1), mix, Some(rate))
+                    .await?;
+                written += w.changes;
+                let m = scrape(&addr).await.unwrap_or_default();
+                if metric(&m, "walgraph_backfill_tables_left") == Some(0.0) {
+                    return Ok::<u64, anyhow::Error>(written);
+                }
+            }
+        };
+        let (copy_secs, written) = tokio::try_join!(watch, steady)?;
+        let m = loop {
+            let m = scrape(&addr).await.unwrap_or_default();
+            if metric(&m, "walgraph_changes_applied_total").unwrap_or(0.0) as u64 >= written {
+                break m;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("walgraph run stopped ({status}): {}", tail(&log));
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("walgraph did not catch up with the workload");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cpu = proc_stats(pid).map_or(cpu0, |s| s.0);
+        stop_child(&mut child).await;
+        let q = |q: &str| {
+            metric(
+                &m,
+                &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
+            )
+            .unwrap_or(f64::NAN)
+                * 1000.0
+        };
+        Ok(Measurement {
+            name: "online backfill beside a steady rate".into(),
+            settings: format!(
+                "{rows} rows, {rate} changes/s, {written} changes streamed meanwhile"
+            ),
+            changes: rows,
+            seconds: copy_secs,
+            changes_per_sec: rows as f64 / copy_secs,
+            wal_mib_per_sec: None,
+            cpu_sec_per_million: Some((cpu - cpu0) / (rows.max(1) as f64 / 1e6)),
+            peak_rss_mib: None,
             latency_ms: Some([q("0.5"), q("0.95"), q("0.99"), q("1")]),
         })
     }
