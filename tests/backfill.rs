@@ -205,6 +205,14 @@ async fn a_table_added_to_the_mapping_is_copied_while_run_streams_even_across_a_
         .expect("count")
         .get(0);
     let writes_before = writes.load(Ordering::Relaxed);
+    let st = walgraph::commands::status::collect(&fx.config, 0)
+        .await
+        .unwrap_or_else(|e| panic!("status: {}", walgraph::error_sentence(&e)));
+    assert!(
+        st.backfill.as_deref().is_some_and(|b| b.contains(".notes")),
+        "status shows the copy under way: {:?}",
+        st.backfill
+    );
 
     let mut run = fx.spawn(&["--config", &config, "run"]);
     eventually(Duration::from_secs(120), "the copy to finish", || async {
