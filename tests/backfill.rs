@@ -388,6 +388,22 @@ async fn columns_added_dropped_renamed_or_retyped_are_followed_running_or_stoppe
     )
     .await;
     assert_eq!(items_where(&fx, "n.e IS NOT NULL").await, 0, "{report:?}");
+    // On a quiet table (no row change after the DDL, so pgoutput announces
+    // nothing): found in the catalog within seconds.
+    fx.sql(
+        "ALTER TABLE {s}.items ADD COLUMN h int DEFAULT 3;
+         ALTER TABLE {s}.items DROP COLUMN c2;",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "a quiet table's columns followed",
+        || async {
+            let left = items_where(&fx, "n.c2 IS NOT NULL OR n.h IS NULL OR n.h <> 3").await;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
     run.stop().await;
 
     // While walgraph is stopped: found at the next start.

@@ -7,6 +7,10 @@
 //!   node of the label, in steps between the stream's batches;
 //! - a column added, renamed or given another type brings every row's
 //!   value: the table is copied again by the online [backfill](super::backfill);
+//! - a table nothing changes after its DDL is caught in the catalog, read
+//!   every few seconds with the WAL position after it; that change is
+//!   followed once the stream has taken every transaction committed before
+//!   that position;
 //! - the columns each table is followed with are recorded in Neo4j,
 //!   `(:WalgraphTable {slot, table, columns})`, written once the work is done,
 //!   so a change made while walgraph was stopped, or one whose work a crash
@@ -57,6 +61,10 @@ pub(super) struct ColumnWatch {
     known: HashMap<String, Vec<String>>,
     /// The last relation seen per table OID, to skip unchanged ones cheaply.
     seen: HashMap<u32, Arc<Relation>>,
+    /// Columns the catalog shows that the stream has not (a table nothing
+    /// changes since its DDL), with the WAL position read after them: they
+    /// are followed once the stream has taken everything before it.
+    pending: Option<(HashMap<String, Vec<String>>, crate::lsn::Lsn)>,
 }
 
 fn describe(columns: &[Column]) -> Vec<String> {
@@ -130,6 +138,7 @@ impl ColumnWatch {
             slot: slot.to_string(),
             known: HashMap::new(),
             seen: HashMap::new(),
+            pending: None,
         };
         let mut owed = Vec::new();
         let mut names = followed;
@@ -173,6 +182,74 @@ impl ColumnWatch {
             recopy,
             record: table_statement(&self.slot, table, new),
         })
+    }
+
+    /// Reads the followed tables' columns from the catalog, then the WAL
+    /// position: a DDL the catalog shows committed before it. Columns that
+    /// differ from the last seen are kept until [`ColumnWatch::catalog_due`].
+    pub(super) async fn poll_catalog(&mut self, pg: &PgClient) -> Result<(), RunError> {
+        let tables: Vec<String> = self.known.keys().cloned().collect();
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let catalog = pg.catalog(&tables).await?;
+        let row = pg
+            .client()
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| RunError::NotReady(format!("cannot read the WAL position: {e}")))?;
+        let at: crate::lsn::Lsn = row
+            .try_get::<_, String>(0)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(crate::lsn::Lsn::ZERO);
+        let mut views = HashMap::new();
+        for (table, info) in &catalog {
+            let now: Vec<String> = info
+                .columns
+                .iter()
+                .zip(&info.types)
+                .map(|(c, t)| format!("{c}:{t}"))
+                .collect();
+            if self.known.get(table).is_some_and(|k| *k != now) {
+                views.insert(table.clone(), now);
+            }
+        }
+        if !views.is_empty() && self.pending.is_none() {
+            self.pending = Some((views, at));
+        }
+        Ok(())
+    }
+
+    /// What the graph owes for columns the catalog showed, once the stream
+    /// has taken every transaction that committed before they were read
+    /// (`taken` is how far that is): a change still on its way with the old
+    /// columns can then no longer arrive after the work.
+    pub(super) fn catalog_due(&mut self, taken: crate::lsn::Lsn) -> Vec<Followup> {
+        let due = self.pending.as_ref().is_some_and(|(_, at)| taken >= *at);
+        if !due {
+            return Vec::new();
+        }
+        let Some((views, _)) = self.pending.take() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut tables: Vec<_> = views.into_iter().collect();
+        tables.sort();
+        for (table, now) in tables {
+            let Some(known) = self.known.get(&table) else {
+                continue;
+            };
+            if *known == now {
+                continue;
+            }
+            if let Some(f) = self.followup(&table, known, &now) {
+                tracing::info!(%table, columns = ?now, "the table's columns changed (catalog); the graph follows");
+                out.push(f);
+            }
+            self.known.insert(table, now);
+        }
+        out
     }
 
     /// Looks at the relation of a change taken from the stream: when a

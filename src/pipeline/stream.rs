@@ -197,6 +197,21 @@ pub(super) async fn stream_once(
                     if let Some(why) = mapped_tables_changed(&catalog, &p.mapping).await {
                         break Err(RunError::TableChanged(why));
                     }
+                    if let Some(w) = watch.as_mut() {
+                        // A failed look-up says nothing; the next one may.
+                        if let Err(e) = w.poll_catalog(&catalog).await {
+                            tracing::debug!(error = %e, "cannot look up the followed columns");
+                        }
+                    }
+                }
+                if let Some(w) = watch.as_mut() {
+                    // Everything up to the last transaction taken whole; when
+                    // nothing is on its way, up to the server's WAL end.
+                    let mut taken = batcher.checkpoint().lsn.max(stored.lsn);
+                    if assembler.is_idle() && open.is_none() && !assembler.has_parts() {
+                        taken = taken.max(server_wal_end);
+                    }
+                    followups.extend(w.catalog_due(taken));
                 }
                 if last_report.elapsed() >= Duration::from_secs(10) && applied_changes > 0 {
                     tracing::info!(changes = applied_changes, flushed = %flushed, "applied");
