@@ -104,6 +104,20 @@ fn writer(
     })
 }
 
+/// A whole snapshot in chunks of 1,000 rows.
+async fn take_snapshot(cfg: &Config) {
+    snapshot(
+        cfg,
+        &SnapshotOptions {
+            chunk_rows: 1000,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+}
+
 async fn reconcile_report(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
     reconcile(
         cfg,
@@ -123,16 +137,7 @@ async fn a_table_added_to_the_mapping_is_copied_while_run_streams_even_across_a_
     let _shared = SERVICES.read().await;
     let mut fx = Fixture::new(DDL, ITEMS).await;
     fx.setup().await;
-    snapshot(
-        &fx.config,
-        &SnapshotOptions {
-            chunk_rows: 1000,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    take_snapshot(&fx.config).await;
     let (done, _, snapshot_rows) = copied(&fx).await;
     assert_eq!(done.len(), 1, "{done:?}");
 
@@ -323,16 +328,7 @@ async fn columns_added_dropped_renamed_or_retyped_are_followed_running_or_stoppe
     .await;
     fx.config.batch.max_changes = 500;
     fx.setup().await;
-    snapshot(
-        &fx.config,
-        &SnapshotOptions {
-            chunk_rows: 1000,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    take_snapshot(&fx.config).await;
     let run = fx.start();
     let stop = Arc::new(AtomicBool::new(false));
     let w = {

@@ -74,6 +74,15 @@ fn describe(columns: &[Column]) -> Vec<String> {
         .collect()
 }
 
+/// A table's columns as the catalog has them, in the form `describe` gives.
+fn catalog_columns(info: &crate::source::catalog::TableInfo) -> Vec<String> {
+    info.columns
+        .iter()
+        .zip(&info.types)
+        .map(|(c, t)| format!("{c}:{t}"))
+        .collect()
+}
+
 fn columns_of(described: &[String]) -> Vec<Column> {
     described
         .iter()
@@ -147,12 +156,7 @@ impl ColumnWatch {
             let Some(info) = catalog.get(&table) else {
                 continue;
             };
-            let now: Vec<String> = info
-                .columns
-                .iter()
-                .zip(&info.types)
-                .map(|(c, t)| format!("{c}:{t}"))
-                .collect();
+            let now = catalog_columns(info);
             match recorded.get(&table) {
                 None => {
                     sink.run_statement(&table_statement(slot, &table, &now))
@@ -205,12 +209,7 @@ impl ColumnWatch {
             .unwrap_or(crate::lsn::Lsn::ZERO);
         let mut views = HashMap::new();
         for (table, info) in &catalog {
-            let now: Vec<String> = info
-                .columns
-                .iter()
-                .zip(&info.types)
-                .map(|(c, t)| format!("{c}:{t}"))
-                .collect();
+            let now = catalog_columns(info);
             if self.known.get(table).is_some_and(|k| *k != now) {
                 views.insert(table.clone(), now);
             }

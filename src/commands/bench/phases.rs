@@ -322,14 +322,6 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         stop_child(&mut child).await;
-        let q = |q: &str| {
-            metric(
-                &m,
-                &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
-            )
-            .unwrap_or(f64::NAN)
-                * 1000.0
-        };
         Ok(Measurement {
             name: "steady rate, commit to graph".into(),
             settings: format!("{rate}/s, max_delay {}", humantime::format_duration(delay)),
@@ -339,7 +331,7 @@ impl Bench {
             wal_mib_per_sec: None,
             cpu_sec_per_million: Some((cpu - cpu0) / (w.changes.max(1) as f64 / 1e6)),
             peak_rss_mib: Some(peak),
-            latency_ms: Some([q("0.5"), q("0.95"), q("0.99"), q("1")]),
+            latency_ms: Some(latency_ms(&m)),
         })
     }
 
@@ -440,14 +432,6 @@ impl Bench {
         };
         let cpu = proc_stats(pid).map_or(cpu0, |s| s.0);
         stop_child(&mut child).await;
-        let q = |q: &str| {
-            metric(
-                &m,
-                &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
-            )
-            .unwrap_or(f64::NAN)
-                * 1000.0
-        };
         Ok(Measurement {
             name: "online backfill beside a steady rate".into(),
             settings: format!(
@@ -459,7 +443,7 @@ impl Bench {
             wal_mib_per_sec: None,
             cpu_sec_per_million: Some((cpu - cpu0) / (rows.max(1) as f64 / 1e6)),
             peak_rss_mib: None,
-            latency_ms: Some([q("0.5"), q("0.95"), q("0.99"), q("1")]),
+            latency_ms: Some(latency_ms(&m)),
         })
     }
 
@@ -493,4 +477,17 @@ impl Bench {
         m.settings = format!("{rows} rows, max_changes {}", phase.cfg.batch.max_changes);
         Ok(m)
     }
+}
+
+/// The commit-to-graph summary in `/metrics` text, in milliseconds: p50,
+/// p95, p99 and the maximum.
+fn latency_ms(metrics: &str) -> [f64; 4] {
+    ["0.5", "0.95", "0.99", "1"].map(|q| {
+        metric(
+            metrics,
+            &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
+        )
+        .unwrap_or(f64::NAN)
+            * 1000.0
+    })
 }
