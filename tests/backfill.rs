@@ -118,6 +118,19 @@ async fn take_snapshot(cfg: &Config) {
     .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
 }
 
+/// Waits until `reconcile --dry-run` reports nothing; returns its report.
+async fn caught_up(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
+    eventually(
+        Duration::from_secs(60),
+        "the graph to equal the database",
+        || async {
+            let r = reconcile_report(cfg).await;
+            r.iter().all(|t| !t.differs()).then_some(r)
+        },
+    )
+    .await
+}
+
 async fn reconcile_report(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
     reconcile(
         cfg,
@@ -262,15 +275,7 @@ async fn a_table_added_to_the_mapping_is_copied_while_run_streams_even_across_a_
         "{metrics}"
     );
     // Caught up, the graph equals the database.
-    let report = eventually(
-        Duration::from_secs(60),
-        "the graph to equal the database",
-        || async {
-            let r = reconcile_report(&fx.config).await;
-            r.iter().all(|t| !t.differs()).then_some(r)
-        },
-    )
-    .await;
+    let report = caught_up(&fx.config).await;
     let notes = fx
         .cypher("MATCH (n:{p}Note) WHERE n._lsn IS NOT NULL RETURN count(n) AS n")
         .await;
@@ -374,15 +379,7 @@ async fn columns_added_dropped_renamed_or_retyped_are_followed_running_or_stoppe
     );
     stop.store(true, Ordering::Relaxed);
     w.await.expect("writer");
-    let report = eventually(
-        Duration::from_secs(60),
-        "the graph to equal the database",
-        || async {
-            let r = reconcile_report(&fx.config).await;
-            r.iter().all(|t| !t.differs()).then_some(r)
-        },
-    )
-    .await;
+    let report = caught_up(&fx.config).await;
     assert_eq!(items_where(&fx, "n.e IS NOT NULL").await, 0, "{report:?}");
     // On a quiet table (no row change after the DDL, so pgoutput announces
     // nothing): found in the catalog within seconds.

@@ -142,18 +142,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
     // report the rest.
     let (graph, neo4j_error) = match graph_part(cfg, &mapping, sample).await {
         Ok(g) => (g, None),
-        Err(e) => (
-            GraphPart {
-                backfill: None,
-                checkpoint: None,
-                checkpoint_age_seconds: None,
-                commit_age_seconds: None,
-                labels: Vec::new(),
-                relationships: Vec::new(),
-                samples: Vec::new(),
-            },
-            Some(crate::error_sentence(&e)),
-        ),
+        Err(e) => (GraphPart::default(), Some(crate::error_sentence(&e))),
     };
     let GraphPart {
         backfill,
@@ -203,6 +192,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
 }
 
 /// What the graph holds: the checkpoint and the counts (and samples).
+#[derive(Default)]
 struct GraphPart {
     backfill: Option<String>,
     checkpoint: Option<Lsn>,

@@ -127,6 +127,7 @@ impl ColumnWatch {
     /// Tables without a record are recorded as they are now.
     pub(super) async fn start(
         p: &Prepared,
+        pg: &PgClient,
         sink: &Sink,
         slot: &str,
     ) -> Result<(ColumnWatch, Vec<Followup>), RunError> {
@@ -137,7 +138,6 @@ impl ColumnWatch {
             .filter(|(_, t)| t.node.as_ref().is_some_and(|n| n.follow.is_some()))
             .map(|(name, _)| name.clone())
             .collect();
-        let pg = PgClient::connect(&p.info).await?;
         let catalog = pg.catalog(&followed).await?;
         let recorded = read_tables(sink, slot).await.map_err(|e| {
             RunError::NotReady(format!("cannot read the followed columns from Neo4j: {e}"))

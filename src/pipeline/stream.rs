@@ -112,11 +112,14 @@ pub(super) async fn stream_once(
         None => Backfill::start(p, &cfg.postgres.slot, cfg.batch.max_changes, metrics).await?,
         Some(_) => None,
     };
+    // The mapped tables, watched for a DROP or RENAME on a quiet table (a
+    // change to a renamed one stops the mapper at once).
+    let catalog = PgClient::connect(&p.info).await?;
     // Tables mapped without an `include` list follow their columns: what
     // the graph owes for a change of them, done between batches.
     let (mut watch, mut followups) = match (&p.sink, replay) {
         (Some(sink), None) => {
-            let (w, owed) = ColumnWatch::start(p, sink, &cfg.postgres.slot).await?;
+            let (w, owed) = ColumnWatch::start(p, &catalog, sink, &cfg.postgres.slot).await?;
             (Some(w), VecDeque::from(owed))
         }
         _ => (None, VecDeque::new()),
@@ -137,9 +140,6 @@ pub(super) async fn stream_once(
     let mut deadline: Option<Instant> = None;
     let mut server_wal_end = Lsn::ZERO;
     let mut last_idle_advance = Instant::now();
-    // The mapped tables, watched for a DROP or RENAME on a quiet table (a
-    // change to a renamed one stops the mapper at once).
-    let catalog = PgClient::connect(&p.info).await?;
     let mut last_catalog_check = Instant::now();
     let mut status = tokio::time::interval(stream.status_interval());
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
