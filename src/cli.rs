@@ -164,7 +164,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Setup => commands::setup::command(&cfg).await,
-        Command::Run { null_sink } => commands::run::command(&cfg, null_sink).await,
+        Command::Run { null_sink } => {
+            commands::run::command(&cfg, cli.config.as_deref(), null_sink).await
+        }
         Command::Reconcile {
             dry_run: _,
             repair,

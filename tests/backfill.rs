@@ -11,7 +11,7 @@ use walgraph::config::Config;
 
 use crate::support::{eventually, free_address, http_get, pg, Fixture, SERVICES};
 
-const DDL: &str = "
+pub(crate) const DDL: &str = "
     CREATE TABLE {s}.items (id int PRIMARY KEY, qty int NOT NULL);
     CREATE TABLE {s}.notes (id int PRIMARY KEY, item_id int, n int NOT NULL, body text);
     ALTER TABLE {s}.notes ALTER COLUMN body SET STORAGE EXTERNAL;
@@ -20,13 +20,13 @@ const DDL: &str = "
         CASE WHEN g % 97 = 0 THEN repeat('x', 100000) ELSE 'short ' || g END
     FROM generate_series(1, 8000) g;";
 
-const ITEMS: &str = r#"
+pub(crate) const ITEMS: &str = r#"
 [[node]]
 table = "{s}.items"
 label = "{p}Item"
 "#;
 
-const NOTES: &str = r#"
+pub(crate) const NOTES: &str = r#"
 [[node]]
 table = "{s}.notes"
 label = "{p}Note"
@@ -39,7 +39,7 @@ to = { label = "{p}Item", columns = ["item_id"] }
 "#;
 
 /// The snapshot record's tables copied and rows, as the graph has it.
-async fn copied(fx: &Fixture) -> (Vec<String>, Option<String>, i64) {
+pub(crate) async fn copied(fx: &Fixture) -> (Vec<String>, Option<String>, i64) {
     let rows = fx
         .graph
         .execute(
@@ -65,7 +65,7 @@ async fn copied(fx: &Fixture) -> (Vec<String>, Option<String>, i64) {
 
 /// Changes rows of both tables until told to stop: updates that leave the
 /// TOASTed body out, foreign keys moved, deletes, inserts, key changes.
-fn writer(
+pub(crate) fn writer(
     fx: &Fixture,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
@@ -105,7 +105,7 @@ fn writer(
 }
 
 /// A whole snapshot in chunks of 1,000 rows.
-async fn take_snapshot(cfg: &Config) {
+pub(crate) async fn take_snapshot(cfg: &Config) {
     snapshot(
         cfg,
         &SnapshotOptions {
@@ -119,7 +119,7 @@ async fn take_snapshot(cfg: &Config) {
 }
 
 /// Waits until `reconcile --dry-run` reports nothing; returns its report.
-async fn caught_up(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
+pub(crate) async fn caught_up(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
     eventually(
         Duration::from_secs(60),
         "the graph to equal the database",
@@ -131,7 +131,9 @@ async fn caught_up(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableRepo
     .await
 }
 
-async fn reconcile_report(cfg: &Config) -> Vec<walgraph::commands::reconcile::TableReport> {
+pub(crate) async fn reconcile_report(
+    cfg: &Config,
+) -> Vec<walgraph::commands::reconcile::TableReport> {
     reconcile(
         cfg,
         &ReconcileOptions {

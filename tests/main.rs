@@ -19,5 +19,6 @@ mod layout;
 mod oracle;
 mod outages;
 mod reconcile;
+mod remap;
 mod replay;
 mod snapshot;

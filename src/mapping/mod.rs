@@ -301,10 +301,15 @@ fn check_identity(
 /// do; `int4` and `numeric`, or `text` and `uuid`, do not). `None` where the
 /// catalog gave no type.
 fn key_kind(info: &TableInfo, column: &str) -> Option<&'static str> {
-    use crate::decode::value::{array_element, oid};
     let at = info.columns.iter().position(|c| c == column)?;
-    let t = *info.types.get(at)?;
-    Some(match t {
+    Some(type_kind(*info.types.get(at)?))
+}
+
+/// The kind of values a column of type `t` keys a node with (see
+/// [`key_kind`]): types of one kind give equal keys for equal values.
+pub fn type_kind(t: u32) -> &'static str {
+    use crate::decode::value::{array_element, oid};
+    match t {
         oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => "integer",
         oid::NUMERIC => "numeric",
         oid::FLOAT4 | oid::FLOAT8 => "floating-point",
@@ -321,7 +326,7 @@ fn key_kind(info: &TableInfo, column: &str) -> Option<&'static str> {
         oid::INET | oid::CIDR => "inet",
         _ if array_element(t).is_some() => "array",
         _ => "text",
-    })
+    }
 }
 
 fn is_unique(info: &TableInfo, cols: &[String]) -> bool {

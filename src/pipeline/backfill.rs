@@ -54,7 +54,10 @@ pub(super) struct Backfill {
     state: SnapshotState,
     /// Statements to write with the last chunk of a table (the columns
     /// it is now followed with).
-    on_done: std::collections::HashMap<String, Statement>,
+    on_done: std::collections::HashMap<String, Vec<Statement>>,
+    /// Statements to write with the chunk that leaves no table to copy
+    /// (the records of a mapping change).
+    after_all: Vec<Statement>,
     chunk_rows: usize,
     mapper: Mapper,
     metrics: Arc<Metrics>,
@@ -173,6 +176,7 @@ impl Backfill {
             current: None,
             state,
             on_done: std::collections::HashMap::new(),
+            after_all: Vec::new(),
             chunk_rows: chunk_rows.max(1),
             mapper: Mapper::new(Arc::clone(&p.mapping)),
             metrics: Arc::clone(metrics),
@@ -184,23 +188,39 @@ impl Backfill {
         self.tables.is_empty()
     }
 
-    /// Copies `table` again from its first key (its columns changed), and
-    /// writes `record` with its last chunk.
-    pub(super) fn recopy(&mut self, table: &str, record: Statement) {
-        self.on_done.insert(table.to_string(), record);
-        self.state.tables_done.retain(|t| t != table);
-        if self.tables.front().is_some_and(|t| t == table) {
-            // Under way: start it over, from the table as it is now.
-            self.current = None;
-            self.state.table = None;
-            self.state.last_key = None;
-        } else if !self.tables.iter().any(|t| t == table) {
-            self.tables.push_back(table.to_string());
+    /// Copies `tables` again from their first keys, in order, after any
+    /// table already waiting (one under way starts over), and writes
+    /// `records` with the last chunk of the last of them — or, with
+    /// `after_all`, with the chunk that leaves no table to copy.
+    pub(super) fn recopy(&mut self, tables: &[String], records: Vec<Statement>, after_all: bool) {
+        for table in tables {
+            self.state.tables_done.retain(|t| t != table);
+            if self.tables.front().is_some_and(|t| t == table) && self.current.is_some() {
+                // Under way: start it over, from the table as it is now.
+                self.current = None;
+                self.state.table = None;
+                self.state.last_key = None;
+            } else {
+                if self.tables.front().is_some_and(|t| t == table) {
+                    self.state.table = None;
+                    self.state.last_key = None;
+                }
+                self.tables.retain(|t| t != table);
+                self.tables.push_back(table.clone());
+            }
+            tracing::info!(%table, "copying the table again while streaming");
+        }
+        match tables.last() {
+            Some(last) if !after_all => self
+                .on_done
+                .entry(last.clone())
+                .or_default()
+                .extend(records),
+            _ => self.after_all.extend(records),
         }
         self.metrics
             .backfill_tables_left
             .store(self.tables.len() as u64, Ordering::Relaxed);
-        tracing::info!(%table, "copying the table again while streaming: its columns changed");
     }
 
     /// Reads the next chunk and makes the batch that writes it with its
@@ -266,8 +286,11 @@ impl Backfill {
             self.state.last_key = None;
             self.tables.pop_front();
             self.current = None;
-            if let Some(record) = self.on_done.remove(&name) {
-                batch.after.push(record);
+            if let Some(records) = self.on_done.remove(&name) {
+                batch.after.extend(records);
+            }
+            if self.tables.is_empty() {
+                batch.after.append(&mut self.after_all);
             }
             self.metrics
                 .backfill_tables_left

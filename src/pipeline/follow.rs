@@ -11,11 +11,13 @@
 //!   every few seconds with the WAL position after it; that change is
 //!   followed once the stream has taken every transaction committed before
 //!   that position;
-//! - the columns each table is followed with are recorded in Neo4j,
-//!   `(:WalgraphTable {slot, table, columns})`, written once the work is done,
-//!   so a change made while walgraph was stopped, or one whose work a crash
-//!   cut short, is found again at the next start (the catalog against the
-//!   record).
+//! - the columns of each table and what the mapping makes of them (its
+//!   [shape](super::remap)) are recorded in Neo4j,
+//!   `(:WalgraphTable {slot, table, columns, shape})`, written once the work
+//!   is done, so a change of columns or of the mapping made while walgraph
+//!   was stopped, or one whose work a crash cut short, is found again at the
+//!   next start (the shapes now against the records) and followed the same
+//!   way.
 //!
 //! Invariants: a property is removed only once every change taken before
 //! the new relation is committed (the removal runs when all the stream has
@@ -24,41 +26,45 @@
 //! change of columns too, and followed the same way, so the graph ends
 //! with the columns the table ends with.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::preflight::Prepared;
+use super::remap::{self, Shape, Step};
 use super::RunError;
 use crate::batch::Statement;
 use crate::decode::{Column, Relation};
-use crate::mapping::{Mapping, NodeTarget};
-use crate::sink::snapshot_state::{read_tables, table_statement};
+use crate::mapping::Mapping;
+use crate::sink::snapshot_state::{forget_table_statement, read_tables, table_statement};
 use crate::sink::Sink;
 use crate::source::catalog::PgClient;
 
-/// Nodes changed per removal step.
+/// Graph items changed per step of removal or deletion.
 pub(super) const REMOVE_STEP: usize = 10_000;
 
-/// Work the graph owes a table whose columns changed.
+/// Work the graph owes for a change of columns or of the mapping.
 #[derive(Debug, Clone)]
 pub(super) struct Followup {
-    /// The table.
-    pub table: String,
-    /// Its label.
-    pub label: Arc<str>,
-    /// Properties to take off every node of the label.
-    pub remove: Vec<Arc<str>>,
-    /// Every row must be copied again.
-    pub recopy: bool,
-    /// The record to write once done.
-    pub record: Statement,
+    /// What changed, for the log.
+    pub what: String,
+    /// Removals and deletions, each done in steps, in order.
+    pub steps: VecDeque<Step>,
+    /// Tables to copy again, after the steps.
+    pub recopy: Vec<String>,
+    /// The records to write once done.
+    pub records: Vec<Statement>,
+    /// The records wait for every table being copied, not only those of
+    /// `recopy` (the work of a mapping change).
+    pub after_all: bool,
 }
 
-/// The columns (`name:type`) of each followed table as last seen.
+/// The columns (`name:type`) of each followed table as last seen, and the
+/// shape of every mapped table.
 pub(super) struct ColumnWatch {
     mapping: Arc<Mapping>,
     slot: String,
     known: HashMap<String, Vec<String>>,
+    shapes: BTreeMap<String, Shape>,
     /// The last relation seen per table OID, to skip unchanged ones cheaply.
     seen: HashMap<u32, Arc<Relation>>,
     /// Columns the catalog shows that the stream has not (a table nothing
@@ -97,94 +103,140 @@ fn columns_of(described: &[String]) -> Vec<Column> {
         .collect()
 }
 
-/// What moving `node` from columns `old` to `new` owes the graph.
-fn diff(node: &NodeTarget, old: &[String], new: &[String]) -> (Vec<Arc<str>>, bool) {
-    let (old_cols, new_cols) = (columns_of(old), columns_of(new));
-    let before = node.props_for(&old_cols);
-    let after = node.props_for(&new_cols);
-    let remove: Vec<Arc<str>> = before
-        .iter()
-        .filter(|p| !after.iter().any(|q| q.property == p.property))
-        .map(|p| Arc::clone(&p.property))
-        .collect();
-    let type_of =
-        |cols: &[Column], name: &str| cols.iter().find(|c| c.name == name).map(|c| c.type_oid);
-    let recopy = after
-        .iter()
-        .any(|p| match before.iter().find(|q| q.property == p.property) {
-            None => true,
-            Some(q) => {
-                q.column != p.column
-                    || type_of(&old_cols, &q.column) != type_of(&new_cols, &p.column)
-            }
-        });
-    (remove, recopy)
+/// Runs `step` over the whole graph, a step at a time (before anything
+/// streams).
+async fn run_step(sink: &Sink, step: &Step) -> Result<u64, RunError> {
+    let what = step.describe();
+    let mut total = 0;
+    loop {
+        let n = sink.count_step(&what, &step.cypher(), REMOVE_STEP).await?;
+        total += n;
+        if n < REMOVE_STEP as u64 {
+            return Ok(total);
+        }
+        tracing::info!(done = total, "{what}");
+    }
 }
 
 impl ColumnWatch {
-    /// The watch, and what the graph owes for changes the catalog shows
-    /// against the record (made while walgraph was stopped, or cut short).
-    /// Tables without a record are recorded as they are now.
+    /// The watch, and what the graph owes for the difference between the
+    /// records and the tables and mapping now (changes made while walgraph
+    /// was stopped, or cut short). A label renamed is relabelled here,
+    /// before anything streams; tables without a record are recorded as
+    /// they are now.
     pub(super) async fn start(
         p: &Prepared,
         pg: &PgClient,
         sink: &Sink,
         slot: &str,
     ) -> Result<(ColumnWatch, Vec<Followup>), RunError> {
-        let followed: Vec<String> = p
-            .mapping
-            .tables
-            .iter()
-            .filter(|(_, t)| t.node.as_ref().is_some_and(|n| n.follow.is_some()))
-            .map(|(name, _)| name.clone())
-            .collect();
-        let catalog = pg.catalog(&followed).await?;
+        let tables = p.mapping.table_names();
+        let catalog = pg.catalog(&tables).await?;
         let recorded = read_tables(sink, slot).await.map_err(|e| {
-            RunError::NotReady(format!("cannot read the followed columns from Neo4j: {e}"))
+            RunError::NotReady(format!("cannot read the followed tables from Neo4j: {e}"))
         })?;
         let mut watch = ColumnWatch {
             mapping: Arc::clone(&p.mapping),
             slot: slot.to_string(),
             known: HashMap::new(),
+            shapes: BTreeMap::new(),
             seen: HashMap::new(),
             pending: None,
         };
-        let mut owed = Vec::new();
-        let mut names = followed;
-        names.sort();
-        for table in names {
-            let Some(info) = catalog.get(&table) else {
+        let mut columns = HashMap::new();
+        for table in tables {
+            let (Some(info), Some(target)) = (catalog.get(&table), p.mapping.tables.get(&table))
+            else {
                 continue;
             };
             let now = catalog_columns(info);
-            match recorded.get(&table) {
-                None => {
-                    sink.run_statement(&table_statement(slot, &table, &now))
-                        .await?
-                }
-                Some(was) if *was != now => {
-                    if let Some(f) = watch.followup(&table, was, &now) {
-                        tracing::info!(%table, "its columns changed while walgraph was stopped");
-                        owed.push(f);
-                    }
-                }
-                Some(_) => {}
+            watch
+                .shapes
+                .insert(table.clone(), Shape::of(target, &columns_of(&now)));
+            if target.node.as_ref().is_some_and(|n| n.follow.is_some()) {
+                watch.known.insert(table.clone(), now.clone());
             }
-            watch.known.insert(table, now);
+            columns.insert(table, now);
         }
-        Ok((watch, owed))
+        // Records without a shape (written before walgraph kept one) are
+        // what the mapping now makes of the columns they name.
+        let old: BTreeMap<String, Shape> = recorded
+            .into_iter()
+            .filter_map(|(table, r)| {
+                let shape = match &r.shape {
+                    Some(text) => Shape::from_json(text)?,
+                    None => Shape::of(p.mapping.tables.get(&table)?, &columns_of(&r.columns)),
+                };
+                Some((table, shape))
+            })
+            .collect();
+        let plan = remap::plan(&old, &watch.shapes);
+        let mut records: Vec<Statement> = plan
+            .record
+            .iter()
+            .filter_map(|t| Some(watch.record(t, columns.get(t)?)))
+            .collect();
+        records.extend(plan.forget.iter().map(|t| forget_table_statement(slot, t)));
+        if plan.is_work_free() {
+            for r in &records {
+                sink.run_statement(r).await?;
+            }
+            return Ok((watch, Vec::new()));
+        }
+        let what = format!(
+            "the mapping or the columns of {} changed since walgraph last ran",
+            plan.record
+                .iter()
+                .chain(&plan.forget)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tracing::info!(
+            steps = ?plan.relabel.iter().chain(&plan.steps).map(Step::describe).collect::<Vec<_>>(),
+            recopy = ?plan.recopy,
+            "{what}; the graph follows"
+        );
+        for step in &plan.relabel {
+            let n = run_step(sink, step).await?;
+            tracing::info!(nodes = n, "{} done", step.describe());
+        }
+        let owed = Followup {
+            what,
+            steps: plan.steps.into(),
+            recopy: plan.recopy,
+            records,
+            after_all: true,
+        };
+        Ok((watch, vec![owed]))
     }
 
-    fn followup(&self, table: &str, old: &[String], new: &[String]) -> Option<Followup> {
-        let node = self.mapping.tables.get(table)?.node.as_ref()?;
-        node.follow.as_ref()?;
-        let (remove, recopy) = diff(node, old, new);
+    /// The record of `table` with `columns`, as it is now.
+    fn record(&self, table: &str, columns: &[String]) -> Statement {
+        let shape = self
+            .shapes
+            .get(table)
+            .map(Shape::to_json)
+            .unwrap_or_default();
+        table_statement(&self.slot, table, columns, &shape)
+    }
+
+    /// What the graph owes for `table`'s columns changing to `new`: the
+    /// difference of its shape, with every other table as it is.
+    fn followup(&mut self, table: &str, new: &[String]) -> Option<Followup> {
+        let target = self.mapping.tables.get(table)?;
+        target.node.as_ref()?.follow.as_ref()?;
+        let shape = Shape::of(target, &columns_of(new));
+        let mut after = self.shapes.clone();
+        after.insert(table.to_string(), shape);
+        let plan = remap::plan(&self.shapes, &after);
+        self.shapes = after;
         Some(Followup {
-            table: table.to_string(),
-            label: Arc::clone(&node.label),
-            remove,
-            recopy,
-            record: table_statement(&self.slot, table, new),
+            what: format!("the columns of {table} changed"),
+            steps: plan.relabel.into_iter().chain(plan.steps).collect(),
+            recopy: plan.recopy,
+            records: vec![self.record(table, new)],
+            after_all: false,
         })
     }
 
@@ -242,7 +294,7 @@ impl ColumnWatch {
             if *known == now {
                 continue;
             }
-            if let Some(f) = self.followup(&table, known, &now) {
+            if let Some(f) = self.followup(&table, &now) {
                 tracing::info!(%table, columns = ?now, "the table's columns changed (catalog); the graph follows");
                 out.push(f);
             }
@@ -265,7 +317,7 @@ impl ColumnWatch {
         if *known == now {
             return None;
         }
-        let f = self.followup(&table, known, &now);
+        let f = self.followup(&table, &now);
         tracing::info!(%table, columns = ?now, "the table's columns changed; the graph follows");
         self.known.insert(table, now);
         f

@@ -39,6 +39,7 @@ mod backfill;
 pub mod copy;
 mod follow;
 pub mod preflight;
+mod remap;
 pub mod replay;
 mod stream;
 mod writer;

@@ -69,6 +69,26 @@ pub(super) async fn stream_once(
     };
     let limit = replay.map(|r| r.to);
     let mut past_end = false;
+    // Tables added to the mapping after the snapshot, copied between the
+    // stream's batches (not during a replay).
+    let mut backfill = match replay {
+        None => Backfill::start(p, &cfg.postgres.slot, cfg.batch.max_changes, metrics).await?,
+        Some(_) => None,
+    };
+    // The mapped tables, watched for a DROP or RENAME on a quiet table (a
+    // change to a renamed one stops the mapper at once).
+    let catalog = PgClient::connect(&p.info).await?;
+    // Tables mapped without an `include` list follow their columns, and
+    // every table the mapping: what the graph owes for a change of either,
+    // done between batches (a label renamed is relabelled now, before the
+    // replication session starts, so no status update is owed meanwhile).
+    let (mut watch, mut followups) = match (&p.sink, replay) {
+        (Some(sink), None) => {
+            let (w, owed) = ColumnWatch::start(p, &catalog, sink, &cfg.postgres.slot).await?;
+            (Some(w), VecDeque::from(owed))
+        }
+        _ => (None, VecDeque::new()),
+    };
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
     let proto_version = stream
@@ -106,24 +126,6 @@ pub(super) async fn stream_once(
         event_tx,
     ));
     let _abort_sink = AbortOnDrop(sink_handle);
-    // Tables added to the mapping after the snapshot, copied between the
-    // stream's batches (not during a replay).
-    let mut backfill = match replay {
-        None => Backfill::start(p, &cfg.postgres.slot, cfg.batch.max_changes, metrics).await?,
-        Some(_) => None,
-    };
-    // The mapped tables, watched for a DROP or RENAME on a quiet table (a
-    // change to a renamed one stops the mapper at once).
-    let catalog = PgClient::connect(&p.info).await?;
-    // Tables mapped without an `include` list follow their columns: what
-    // the graph owes for a change of them, done between batches.
-    let (mut watch, mut followups) = match (&p.sink, replay) {
-        (Some(sink), None) => {
-            let (w, owed) = ColumnWatch::start(p, &catalog, sink, &cfg.postgres.slot).await?;
-            (Some(w), VecDeque::from(owed))
-        }
-        _ => (None, VecDeque::new()),
-    };
     // The checkpoint last written, which a backfill chunk writes again.
     let mut stored = checkpoint;
     // A stream batch went out since the last chunk: the next turn is the
@@ -282,20 +284,26 @@ pub(super) async fn stream_once(
             _ = std::future::ready(()), if can_backfill => {
                 chunk_next = false;
                 if let Some(f) = followups.front_mut() {
-                    // Columns gone first, a step at a time; then the copy
-                    // (or just the record) of the columns now followed.
-                    if !f.remove.is_empty() {
-                        if let Some(sink) = &p.sink {
-                            let n = sink.remove_properties(&f.label, &f.remove, REMOVE_STEP).await?;
-                            tracing::debug!(table = %f.table, removed_from = n, "properties of gone columns removed");
-                            if n < REMOVE_STEP as u64 {
-                                f.remove.clear();
-                            }
+                    // Removals and deletions first, a step at a time; then
+                    // the copies (or just the records) of what is mapped now.
+                    if let Some(step) = f.steps.front() {
+                        let n = match &p.sink {
+                            Some(sink) => sink.count_step(&step.describe(), &step.cypher(), REMOVE_STEP).await?,
+                            None => 0,
+                        };
+                        tracing::debug!(what = %f.what, items = n, "{}", step.describe());
+                        if n < REMOVE_STEP as u64 {
+                            tracing::info!("{} done", step.describe());
+                            f.steps.pop_front();
                         }
                     } else if let Some(f) = followups.pop_front() {
-                        match (f.recopy, backfill.as_mut(), &p.sink) {
-                            (true, Some(bf), _) => bf.recopy(&f.table, f.record),
-                            (_, _, Some(sink)) => sink.run_statement(&f.record).await?,
+                        match (f.recopy.is_empty(), backfill.as_mut(), &p.sink) {
+                            (false, Some(bf), _) => bf.recopy(&f.recopy, f.records, f.after_all),
+                            (_, _, Some(sink)) => {
+                                for r in &f.records {
+                                    sink.run_statement(r).await?;
+                                }
+                            }
                             _ => {}
                         }
                     }

@@ -402,33 +402,19 @@ impl Sink {
         .await
     }
 
-    /// Removes `props` from up to `limit` nodes of `label` that have any of
-    /// them; returns how many nodes it changed (fewer than `limit`: done).
-    pub async fn remove_properties(
+    /// Runs one step of work over many graph items: `cypher` takes
+    /// `$limit` and returns the number of items it changed as `c` (fewer
+    /// than the limit once nothing is left).
+    pub async fn count_step(
         &self,
-        label: &str,
-        props: &[std::sync::Arc<str>],
+        what: &str,
+        cypher: &str,
         limit: usize,
     ) -> Result<u64, SinkError> {
-        let q = crate::mapping::quote;
-        let any = props
-            .iter()
-            .map(|p| format!("n.{} IS NOT NULL", q(p)))
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        let remove = props
-            .iter()
-            .map(|p| format!("n.{}", q(p)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let cypher = format!(
-            "MATCH (n:{}) WHERE {any} WITH n LIMIT $limit REMOVE {remove} RETURN count(n) AS c",
-            q(label)
-        );
         let rows = self
             .fetch(
-                "removing dropped columns' properties",
-                query(&cypher).param("limit", i64::try_from(limit).unwrap_or(i64::MAX)),
+                what,
+                query(cypher).param("limit", i64::try_from(limit).unwrap_or(i64::MAX)),
             )
             .await?;
         Ok(rows

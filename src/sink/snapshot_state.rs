@@ -73,31 +73,56 @@ pub fn progress_query(slot: &str, state: &SnapshotState, lsn: Lsn) -> Query {
     .param("lsn_text", lsn.to_string())
 }
 
-/// The columns (`name:type-oid`) each table was last copied or followed
-/// with, by table: `(:WalgraphTable {slot, table, columns})`. Tables
+/// What `run` last made of a table, as recorded in Neo4j:
+/// `(:WalgraphTable {slot, table, columns, shape})`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableRecord {
+    /// Its columns (`name:type-oid`) as last copied or followed.
+    pub columns: Vec<String>,
+    /// What the mapping made of it then (JSON), absent in records written
+    /// before walgraph recorded it.
+    pub shape: Option<String>,
+}
+
+/// The record of each table `run` writes for `slot`, by table. Tables
 /// without a record are missing.
 pub async fn read_tables(
     sink: &Sink,
     slot: &str,
-) -> Result<std::collections::HashMap<String, Vec<String>>, neo4rs::Error> {
+) -> Result<std::collections::HashMap<String, TableRecord>, neo4rs::Error> {
     let mut rows = sink
         .graph()
         .execute(
-            query("MATCH (t:WalgraphTable {slot: $slot}) RETURN t.table AS table, t.columns AS columns")
-                .param("slot", slot),
+            query(
+                "MATCH (t:WalgraphTable {slot: $slot}) \
+                 RETURN t.table AS table, t.columns AS columns, t.shape AS shape",
+            )
+            .param("slot", slot),
         )
         .await?;
     let mut out = std::collections::HashMap::new();
     while let Some(row) = rows.next().await? {
         if let Ok(t) = row.get::<String>("table") {
-            out.insert(t, row.get::<Vec<String>>("columns").unwrap_or_default());
+            out.insert(
+                t,
+                TableRecord {
+                    columns: row.get::<Vec<String>>("columns").unwrap_or_default(),
+                    shape: row.get::<String>("shape").ok(),
+                },
+            );
         }
     }
     Ok(out)
 }
 
-/// Records the columns `table` is followed with, as a batch statement.
-pub fn table_statement(slot: &str, table: &str, columns: &[String]) -> crate::batch::Statement {
+/// Records `table`'s columns and what the mapping makes of it, as a batch
+/// statement.
+pub fn table_statement(
+    slot: &str,
+    table: &str,
+    columns: &[String],
+    shape: &str,
+) -> crate::batch::Statement {
     use neo4rs::{BoltList, BoltString, BoltType};
     let list = BoltType::List(BoltList::from(
         columns
@@ -107,12 +132,27 @@ pub fn table_statement(slot: &str, table: &str, columns: &[String]) -> crate::ba
     ));
     crate::batch::Statement {
         cypher: "UNWIND $rows AS row MERGE (t:WalgraphTable {slot: row.slot, table: row.table}) \
-                 SET t.columns = row.columns, t.updated_at = datetime()"
+                 SET t.columns = row.columns, t.shape = row.shape, t.updated_at = datetime()"
             .into(),
         rows: BoltList::from(vec![crate::batch::cypher::row(vec![
             ("slot", BoltType::String(BoltString::new(slot))),
             ("table", BoltType::String(BoltString::new(table))),
             ("columns", list),
+            ("shape", BoltType::String(BoltString::new(shape))),
+        ])]),
+    }
+}
+
+/// Forgets the record of a table taken out of the mapping, as a batch
+/// statement.
+pub fn forget_table_statement(slot: &str, table: &str) -> crate::batch::Statement {
+    use neo4rs::{BoltList, BoltString, BoltType};
+    crate::batch::Statement {
+        cypher: "UNWIND $rows AS row MATCH (t:WalgraphTable {slot: row.slot, table: row.table}) DELETE t"
+            .into(),
+        rows: BoltList::from(vec![crate::batch::cypher::row(vec![
+            ("slot", BoltType::String(BoltString::new(slot))),
+            ("table", BoltType::String(BoltString::new(table))),
         ])]),
     }
 }
