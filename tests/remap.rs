@@ -1,6 +1,6 @@
 //! Mapping changes while `run` streams (issue 11, item 4): a property
 //! excluded or renamed, a label renamed, a relationship replaced, a table
-//! taken out — after SIGHUP or a restart, with a writer changing rows and a
+//! taken out and mapped again — after SIGHUP or a restart, with a writer changing rows and a
 //! SIGKILL in the middle of the work; the graph follows, and a reload that
 //! cannot run changes nothing.
 
@@ -89,7 +89,7 @@ async fn remap(fx: &mut Fixture, config: &str, mapping: &str) {
     let parsed = Config::parse(&text).expect("mapping");
     fx.config.nodes = parsed.nodes;
     fx.config.relationships = parsed.relationships;
-    fx.setup().await;
+    Box::pin(fx.setup()).await;
     let path = fx.config_file(config, "[batch]\nmax_changes = 200", mapping);
     assert!(path.exists());
 }
@@ -134,12 +134,17 @@ impl Writes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_change() {
+    // On the heap: the whole scenario is one large future.
+    Box::pin(scenario()).await;
+}
+
+async fn scenario() {
     let _shared = SERVICES.read().await;
     let mut fx = Fixture::new(DDL, &format!("{ITEMS}{NOTES}")).await;
     fx.config.batch.max_changes = 200;
     fx.setup().await;
-    take_snapshot(&fx.config).await;
-    remap(&mut fx, "run.toml", &format!("{ITEMS}{NOTES}")).await;
+    Box::pin(take_snapshot(&fx.config)).await;
+    Box::pin(remap(&mut fx, "run.toml", &format!("{ITEMS}{NOTES}"))).await;
     let config = fx
         .config_file(
             "run.toml",
@@ -153,7 +158,7 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
         config: config.clone(),
     };
     let mut run = spawn(&fx);
-    caught_up(&fx.config).await;
+    Box::pin(caught_up(&fx.config)).await;
     assert!(
         count(
             &fx,
@@ -215,7 +220,7 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     })
     .await;
     assert!(w.stop().await > 0, "rows changed meanwhile");
-    caught_up(&fx.config).await;
+    Box::pin(caught_up(&fx.config)).await;
     assert_eq!(
         count(&fx, "MATCH (n) WHERE (n:{p}Item AND n.qty IS NOT NULL) OR (n:{p}Note AND n.body IS NOT NULL) RETURN count(n) AS n").await,
         0
@@ -225,7 +230,12 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     let w = writes(&fx);
     let edges_before = count(&fx, "MATCH ()-[r:{p}ABOUT]->() RETURN count(r) AS n").await;
     assert!(edges_before > 0);
-    remap(&mut fx, "run.toml", &format!("{ITEMS_NO_QTY}{MEMOS}")).await;
+    Box::pin(remap(
+        &mut fx,
+        "run.toml",
+        &format!("{ITEMS_NO_QTY}{MEMOS}"),
+    ))
+    .await;
     run.signal("-HUP");
     eventually(Duration::from_secs(60), "every note a memo", || async {
         let notes = count(&fx, "MATCH (n:{p}Note) RETURN count(n) AS n").await;
@@ -234,7 +244,7 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     })
     .await;
     w.stop().await;
-    caught_up(&fx.config).await;
+    Box::pin(caught_up(&fx.config)).await;
 
     // 3. ABOUT replaced by MENTIONS, by a restart.
     let w = writes(&fx);
@@ -264,7 +274,7 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     )
     .await;
     w.stop().await;
-    caught_up(&fx.config).await;
+    Box::pin(caught_up(&fx.config)).await;
 
     // 4. A reload that cannot run changes nothing: a file that does not
     //    parse, then a mapping naming a column the table lacks.
@@ -312,7 +322,7 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     // 5. The notes taken out of the mapping, by SIGHUP: their nodes and
     //    edges leave; the items stay.
     let w = writes(&fx);
-    remap(&mut fx, "run.toml", ITEMS_NO_QTY).await;
+    Box::pin(remap(&mut fx, "run.toml", ITEMS_NO_QTY)).await;
     run.signal("-HUP");
     eventually(Duration::from_secs(60), "the memos gone", || async {
         let left = count(&fx, "MATCH (n:{p}Memo) RETURN count(n) AS n").await
@@ -321,12 +331,40 @@ async fn mapping_changes_are_followed_after_sighup_or_a_restart_while_rows_chang
     })
     .await;
     w.stop().await;
-    let report = caught_up(&fx.config).await;
+    let report = Box::pin(caught_up(&fx.config)).await;
     assert_eq!(
         count(&fx, "MATCH (n:{p}Item) RETURN count(n) AS n").await,
         pg_count(&fx, "SELECT count(*) FROM {s}.items").await,
         "{report:?}"
     );
+    // 6. ...and mapped again, by SIGHUP: copied while streaming.
+    let w = writes(&fx);
+    remap(
+        &mut fx,
+        "run.toml",
+        &format!("{ITEMS_NO_QTY}{MEMOS_MENTION}"),
+    )
+    .await;
+    run.signal("-HUP");
+    eventually(
+        Duration::from_secs(90),
+        "the notes copied again",
+        || async {
+            let memos = count(&fx, "MATCH (n:{p}Memo) RETURN count(n) AS n").await;
+            let rows = pg_count(&fx, "SELECT count(*) FROM {s}.notes").await;
+            (memos >= rows && rows > 0).then_some(())
+        },
+    )
+    .await;
+    w.stop().await;
+    Box::pin(caught_up(&fx.config)).await;
+    Box::pin(remap(&mut fx, "run.toml", ITEMS_NO_QTY)).await;
+    run.signal("-HUP");
+    eventually(Duration::from_secs(60), "the memos gone again", || async {
+        let left = count(&fx, "MATCH (n:{p}Memo) RETURN count(n) AS n").await;
+        (left == 0).then_some(())
+    })
+    .await;
     let records = fx
         .cypher(&format!(
             "MATCH (t:WalgraphTable {{slot: '{}'}}) RETURN t.table AS t ORDER BY t",
