@@ -1046,3 +1046,60 @@ to = { label = "{p}Code", columns = ["code"] }
     );
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_streams_a_subset_is_refused_never_streamed() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, qty int NOT NULL, secret text);
+         INSERT INTO {s}.items SELECT g, g, 's' FROM generate_series(1, 20) g;",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    let publication = fx.config.postgres.publication.clone();
+    let cases = [
+        (
+            format!("CREATE PUBLICATION {publication} FOR TABLE {{s}}.items WHERE (qty > 10)"),
+            "a row filter on",
+        ),
+        (
+            format!("CREATE PUBLICATION {publication} FOR TABLE {{s}}.items (id, qty)"),
+            "a column list on",
+        ),
+        (
+            format!("CREATE PUBLICATION {publication} FOR TABLE {{s}}.items WITH (publish = 'insert, update')"),
+            "does not publish delete, truncate",
+        ),
+    ];
+    for (create, says) in cases {
+        fx.sql(&format!(
+            "DROP PUBLICATION IF EXISTS {publication}; {create}"
+        ))
+        .await;
+        fx.setup().await;
+        for (what, refused) in [
+            ("run", walgraph::pipeline::prepare(&fx.config).await.err()),
+            (
+                "snapshot",
+                walgraph::pipeline::prepare_for_snapshot(&fx.config)
+                    .await
+                    .err(),
+            ),
+        ] {
+            let sentence = refused
+                .map(|e| walgraph::error_sentence(&anyhow::Error::new(e)))
+                .unwrap_or_else(|| panic!("{what} accepts a publication with {says}"));
+            assert!(
+                sentence.contains(says) && sentence.contains("walgraph setup"),
+                "{what}: {sentence}"
+            );
+        }
+    }
+    // Recreated whole, as the sentence says: accepted.
+    fx.sql(&format!("DROP PUBLICATION {publication}")).await;
+    fx.setup().await;
+    walgraph::pipeline::prepare(&fx.config)
+        .await
+        .unwrap_or_else(|e| panic!("{}", walgraph::error_sentence(&anyhow::Error::new(e))));
+    fx.cleanup().await;
+}

@@ -119,6 +119,13 @@ async fn prepare_checks(
             }
         }
     }
+    let subsets = pg.publication_subsets(publication).await?;
+    if !subsets.is_empty() {
+        return Err(RunError::NotReady(format!(
+            "publication {publication} streams only part of the changes of its tables ({}), while a snapshot, a backfill and reconcile read every row: the graph would drift from the database; recreate it without them (`DROP PUBLICATION {publication}`, then `walgraph setup`)",
+            subsets.join("; ")
+        )));
+    }
     let slot = &cfg.postgres.slot;
     let slot_info = pg.slot(slot).await?;
     let confirmed_flush = slot_info.as_ref().and_then(|s| s.confirmed_flush_lsn);

@@ -412,6 +412,70 @@ impl PgClient {
         ))
     }
 
+    /// What the publication leaves out of the tables it has, each as a
+    /// phrase: a row filter or a column list on a table (PostgreSQL 15+),
+    /// or an action it does not publish. Empty when it streams every change
+    /// of every row of its tables.
+    pub async fn publication_subsets(
+        &self,
+        publication: &str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut out = Vec::new();
+        let actions = self
+            .client
+            .query_opt(
+                "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(db_error)?;
+        if let Some(r) = actions {
+            let left_out: Vec<&str> = ["insert", "update", "delete", "truncate"]
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !r.try_get::<_, bool>(*i).unwrap_or(true))
+                .map(|(_, a)| a)
+                .collect();
+            if !left_out.is_empty() {
+                out.push(format!("it does not publish {}", left_out.join(", ")));
+            }
+        }
+        let version: i32 = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(db_error)?
+            .get(0);
+        if version < 150_000 {
+            return Ok(out);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname || '.' || c.relname, pg_get_expr(pr.prqual, pr.prrelid), \
+                        pr.prattrs IS NOT NULL \
+                 FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL) \
+                 ORDER BY 1",
+                &[&publication],
+            )
+            .await
+            .map_err(db_error)?;
+        for r in rows {
+            let table: String = r.get(0);
+            if let Some(filter) = r.get::<_, Option<String>>(1) {
+                out.push(format!("a row filter on {table} (WHERE {filter})"));
+            }
+            if r.get::<_, bool>(2) {
+                out.push(format!("a column list on {table}"));
+            }
+        }
+        Ok(out)
+    }
+
     /// The state of a slot, or `None` if it does not exist in this database.
     pub async fn slot(&self, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
         let row = self
