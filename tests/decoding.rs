@@ -531,6 +531,44 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
         .await
         .expect("a second slot");
     prepare_commit_and_roll_back(&fx).await;
+    let version: i32 = fx
+        .pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .expect("version")
+        .get(0);
+    if version < 150_000 {
+        // pgoutput decodes prepared transactions from protocol 3 (15) on:
+        // asked for before, peek says so rather than decoding without it.
+        let info = walgraph::source::ConnInfo::parse(&fx.env.pg_url).expect("pg url");
+        let opts = walgraph::commands::peek::PeekOptions {
+            slot: Some(slot.clone()),
+            publications: vec![fx.config.postgres.publication.clone()],
+            proto_version: None,
+            streaming: true,
+            two_phase: true,
+            spill: walgraph::config::SpillSettings::default(),
+            limit: Some(3),
+            idle_timeout: Some(std::time::Duration::from_secs(5)),
+            confirm: false,
+        };
+        let mut out: Vec<u8> = Vec::new();
+        let refused =
+            walgraph::commands::peek::peek(&info, &opts, &mut out, std::future::pending())
+                .await
+                .expect_err("--two-phase is refused below PostgreSQL 15");
+        assert!(
+            walgraph::error_sentence(&refused).contains("PostgreSQL 15"),
+            "{}",
+            walgraph::error_sentence(&refused)
+        );
+        let _ = fx
+            .pg
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+        fx.cleanup().await;
+        return;
+    }
     // Begin Prepare, Prepare, Commit Prepared and Rollback Prepared travel
     // now; the transactions that come out are the same.
     let txns = fx.peek_two_phase(&slot, 3).await;

@@ -165,6 +165,11 @@ pub async fn peek(
 ) -> anyhow::Result<usize> {
     let mut stream = ReplicationStream::connect(info).await?;
     let proto_version = stream.negotiate_proto_version(opts.proto_version).await?;
+    if opts.two_phase && proto_version < 3 {
+        anyhow::bail!(
+            "--two-phase needs pgoutput protocol 3 (PostgreSQL 15 or later); this server or postgres.proto_version gives {proto_version}: leave --two-phase out"
+        );
+    }
     let slot = match &opts.slot {
         Some(s) => s.clone(),
         None => {
