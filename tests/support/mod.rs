@@ -409,7 +409,8 @@ impl Fixture {
             two_phase: two_phase_slot.is_some(),
             spill,
             limit: Some(n),
-            idle_timeout: Some(Duration::from_secs(15)),
+            // Long: a slot decodes every test's WAL before its own changes.
+            idle_timeout: Some(Duration::from_secs(60)),
             confirm: false,
         };
         let mut out: Vec<u8> = Vec::new();
