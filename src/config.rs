@@ -96,6 +96,11 @@ pub struct PostgresConfig {
     /// so Postgres keeps that much more WAL on disk (default 0: none).
     #[serde(default)]
     pub replay_window_mib: u64,
+    /// Make the slot a failover slot (PostgreSQL 17+): standbys with
+    /// `sync_replication_slots = on` keep a copy of it, so walgraph goes on
+    /// from a promoted standby. `setup` creates it so, or turns it on.
+    #[serde(default)]
+    pub failover: bool,
 }
 
 impl PostgresConfig {
@@ -127,6 +132,7 @@ impl Default for PostgresConfig {
             stream_memory_mib: default_stream_memory_mib(),
             spill_dir: None,
             replay_window_mib: 0,
+            failover: false,
         }
     }
 }

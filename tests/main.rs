@@ -14,6 +14,7 @@ mod connect;
 mod decoding;
 mod end_to_end;
 mod exactness;
+mod failover;
 mod large;
 mod layout;
 mod oracle;

@@ -17,13 +17,39 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     pg.check_wal_level().await?;
     // Check everything before changing anything.
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
+    if cfg.postgres.failover {
+        pg.check_failover().await?;
+    }
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let mut lines = vec![
         pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
             .await?,
     ];
-    let (line, created_at) = pg.ensure_slot(&cfg.postgres.slot).await?;
+    let (line, created_at, make_failover) = pg
+        .ensure_slot(&cfg.postgres.slot, cfg.postgres.failover)
+        .await?;
     lines.push(line);
+    if make_failover {
+        // Only a replication connection can change a slot, and only while
+        // no walsender holds it.
+        let mut repl = crate::source::ReplicationStream::connect(&info).await?;
+        repl.command(&format!(
+            "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+            crate::source::sql::quote_ident(&cfg.postgres.slot)
+        ))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot make replication slot {} a failover slot ({}); stop `walgraph run` if it runs and try again",
+                cfg.postgres.slot,
+                crate::error_sentence(&anyhow::Error::new(e))
+            )
+        })?;
+        lines.push(format!(
+            "replication slot {} is a failover slot now",
+            cfg.postgres.slot
+        ));
+    }
     if let Some(at) = created_at {
         lines.extend(forget_an_earlier_slots_snapshot(&sink, &cfg.postgres.slot, at).await?);
     }

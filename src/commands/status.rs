@@ -56,6 +56,14 @@ pub struct Status {
     pub wal_status: Option<String>,
     /// `safe_wal_size` in bytes, if `max_slot_wal_keep_size` is set.
     pub safe_wal_size: Option<i64>,
+    /// A failover slot (PostgreSQL 17+; `null` before).
+    pub failover: Option<bool>,
+    /// Synchronized from a primary, on a standby (17+).
+    pub synced: Option<bool>,
+    /// Invalidated by a recovery conflict (16+).
+    pub conflicting: Option<bool>,
+    /// Why the slot was invalidated (17+), if it was.
+    pub invalidation_reason: Option<String>,
     /// The server's current WAL position.
     pub server_wal_lsn: Lsn,
     /// Bytes of WAL not yet confirmed.
@@ -176,6 +184,10 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         restart_lsn: slot.as_ref().and_then(|s| s.restart_lsn),
         wal_status,
         safe_wal_size,
+        failover: slot.as_ref().and_then(|s| s.failover),
+        synced: slot.as_ref().and_then(|s| s.synced),
+        conflicting: slot.as_ref().and_then(|s| s.conflicting),
+        invalidation_reason: slot.as_ref().and_then(|s| s.invalidation_reason.clone()),
         server_wal_lsn,
         lag_bytes,
         lag_seconds,
@@ -372,6 +384,15 @@ pub fn render(s: &Status) -> String {
         opt(&s.wal_status),
         opt(&s.safe_wal_size)
     ));
+    if s.failover.is_some() || s.conflicting.is_some() {
+        out.push_str(&format!(
+            "  failover               {} (synced {}, conflicting {}, invalidation_reason {})\n",
+            opt(&s.failover),
+            opt(&s.synced),
+            opt(&s.conflicting),
+            opt(&s.invalidation_reason)
+        ));
+    }
     if let Some(p) = &s.process {
         out.push_str(&format!(
             "walgraph run at {}        {} changes applied, {:.0} changes/s now, latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",

@@ -44,6 +44,10 @@ pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, Run
     Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
 }
 
+async fn slot_info_failover(pg: &PgClient, slot: &str) -> Result<Option<bool>, RunError> {
+    Ok(pg.slot(slot).await?.and_then(|s| s.failover))
+}
+
 /// Checks the world before streaming: `wal_level`, the mapping against the
 /// catalog, publication, slot, Neo4j and its constraints.
 pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
@@ -141,6 +145,19 @@ async fn prepare_checks(
                 s.plugin
             )))
         }
+        Some(s) if s.invalidation_reason.is_some() || s.conflicting == Some(true) => {
+            let why = match s.invalidation_reason.as_deref() {
+                Some("idle_timeout") => "it stayed idle longer than the server's idle_replication_slot_timeout".to_string(),
+                Some("wal_removed") => "the server removed WAL it still needed (max_slot_wal_keep_size)".to_string(),
+                Some("rows_removed") => "a standby's recovery removed catalog rows it needed".to_string(),
+                Some("wal_level_insufficient") => "the primary's wal_level fell below logical".to_string(),
+                Some(other) => format!("invalidation reason {other}"),
+                None => "a recovery conflict".to_string(),
+            };
+            return Err(RunError::NotReady(format!(
+                "replication slot {slot} was invalidated ({why}): Postgres no longer keeps what walgraph needs from it; drop and create it (`walgraph teardown --yes`, `walgraph setup`), then take a new snapshot (`walgraph snapshot --restart`)"
+            )));
+        }
         Some(s) if s.active && slot_must_be_free => {
             // A walsender whose client just died lets go within moments;
             // one that stays is another consumer.
@@ -159,6 +176,9 @@ async fn prepare_checks(
             }
         }
         Some(_) => {}
+    }
+    if cfg.postgres.failover && slot_info_failover(&pg, slot).await? == Some(false) {
+        tracing::warn!(%slot, "postgres.failover is set but the slot is no failover slot; run `walgraph setup` (with walgraph stopped) to make it one");
     }
     if null_sink {
         return Ok(Prepared {

@@ -204,6 +204,15 @@ pub struct SlotInfo {
     pub confirmed_flush_lsn: Option<Lsn>,
     /// `restart_lsn`.
     pub restart_lsn: Option<Lsn>,
+    /// A failover slot (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// On a standby: synchronized from the primary (17+).
+    pub synced: Option<bool>,
+    /// Invalidated by a recovery conflict (16+).
+    pub conflicting: Option<bool>,
+    /// Why it was invalidated (17+): `wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`, `idle_timeout` (18).
+    pub invalidation_reason: Option<String>,
 }
 
 impl PgClient {
@@ -440,13 +449,7 @@ impl PgClient {
                 out.push(format!("it does not publish {}", left_out.join(", ")));
             }
         }
-        let version: i32 = self
-            .client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .map_err(db_error)?
-            .get(0);
-        if version < 150_000 {
+        if self.server_version_num().await? < 150_000 {
             return Ok(out);
         }
         let rows = self
@@ -477,12 +480,15 @@ impl PgClient {
     }
 
     /// The state of a slot, or `None` if it does not exist in this database.
+    /// Columns newer than the server read as `None` (through `to_jsonb`).
     pub async fn slot(&self, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
         let row = self
             .client
             .query_opt(
-                "SELECT plugin, active, confirmed_flush_lsn::text, restart_lsn::text
-                 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                "SELECT plugin, active, confirmed_flush_lsn::text, restart_lsn::text,
+                        to_jsonb(s) ->> 'failover', to_jsonb(s) ->> 'synced',
+                        to_jsonb(s) ->> 'conflicting', to_jsonb(s) ->> 'invalidation_reason'
+                 FROM pg_replication_slots s WHERE slot_name = $1 AND database = current_database()",
                 &[&slot],
             )
             .await
@@ -492,15 +498,44 @@ impl PgClient {
             let text: Option<String> = r.try_get(i).map_err(db_error)?;
             Ok(text.and_then(|s| s.parse().ok()))
         };
+        let text = |i: usize| -> Result<Option<String>, CatalogError> {
+            r.try_get::<_, Option<String>>(i).map_err(db_error)
+        };
+        let flag =
+            |i: usize| -> Result<Option<bool>, CatalogError> { Ok(text(i)?.map(|t| t == "true")) };
         Ok(Some(SlotInfo {
-            plugin: r
-                .try_get::<_, Option<String>>(0)
-                .map_err(db_error)?
-                .unwrap_or_default(),
+            plugin: text(0)?.unwrap_or_default(),
             active: r.try_get(1).map_err(db_error)?,
             confirmed_flush_lsn: lsn(2)?,
             restart_lsn: lsn(3)?,
+            failover: flag(4)?,
+            synced: flag(5)?,
+            conflicting: flag(6)?,
+            invalidation_reason: text(7)?,
         }))
+    }
+
+    /// Whether the server has failover slots (PostgreSQL 17+); an error
+    /// saying so if not.
+    pub async fn check_failover(&self) -> Result<(), CatalogError> {
+        let version = self.server_version_num().await?;
+        if version < 170_000 {
+            return Err(CatalogError::NotReady(format!(
+                "postgres.failover needs PostgreSQL 17 or later (failover slots), and this server is {}; set it to false, or upgrade",
+                version / 10_000
+            )));
+        }
+        Ok(())
+    }
+
+    /// The server's `server_version_num`.
+    pub async fn server_version_num(&self) -> Result<i32, CatalogError> {
+        Ok(self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(db_error)?
+            .get(0))
     }
 
     /// Creates the publication for `tables`, or adds missing tables to it.
@@ -554,9 +589,18 @@ impl PgClient {
         }
     }
 
-    /// Creates the logical slot with `pgoutput`, unless it exists. Returns
-    /// what was done, and the new slot's consistent point if it was created.
-    pub async fn ensure_slot(&self, slot: &str) -> Result<(String, Option<Lsn>), CatalogError> {
+    /// Creates the logical slot with `pgoutput`, unless it exists — a
+    /// failover slot with `failover` (PostgreSQL 17+). Returns what was done,
+    /// the new slot's consistent point if it was created, and whether an
+    /// existing slot still has to be made a failover slot.
+    pub async fn ensure_slot(
+        &self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<(String, Option<Lsn>, bool), CatalogError> {
+        if failover {
+            self.check_failover().await?;
+        }
         if let Some(s) = self.slot(slot).await? {
             if s.plugin != "pgoutput" {
                 return Err(CatalogError::NotReady(format!(
@@ -564,24 +608,39 @@ impl PgClient {
                     s.plugin
                 )));
             }
-            return Ok((format!("replication slot {slot} already exists"), None));
+            let alter = failover && s.failover != Some(true);
+            return Ok((
+                format!("replication slot {slot} already exists"),
+                None,
+                alter,
+            ));
         }
-        let row = self
-            .client
-            .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await
-            .map_err(db_error)?;
+        let row = if failover {
+            self.client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                    &[&slot],
+                )
+                .await
+        } else {
+            self.client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+        }
+        .map_err(db_error)?;
         let lsn: String = row.try_get(0).map_err(db_error)?;
         let at = lsn.parse().map_err(|e| CatalogError::Query {
             message: format!("the new slot's position: {e}"),
             transient: false,
         })?;
+        let kind = if failover { "failover " } else { "" };
         Ok((
-            format!("created replication slot {slot} at {lsn}"),
+            format!("created {kind}replication slot {slot} at {lsn}"),
             Some(at),
+            false,
         ))
     }
 

@@ -1,0 +1,250 @@
+//! Failover slots (issue 12, item 3): on PostgreSQL 17+ walgraph's slot is
+//! a failover slot, a physical standby keeps a copy of it, and after the
+//! standby is promoted walgraph goes on from it with nothing lost and
+//! nothing applied twice; before 17, `setup` refuses `postgres.failover`
+//! with a sentence.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use walgraph::commands::reconcile::{reconcile, ReconcileOptions};
+use walgraph::config::Config;
+
+use crate::support::{eventually, pg, Fixture, SERVICES};
+
+const DDL: &str = "CREATE TABLE {s}.items (id int PRIMARY KEY, qty int NOT NULL);
+    INSERT INTO {s}.items SELECT g, 0 FROM generate_series(1, 500) g;";
+const MAPPING: &str = "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n";
+
+fn standby(cmd: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services");
+    let out = Command::new(script)
+        .args(["standby-postgres", cmd])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run deploy/local/services: {e}"));
+    assert!(
+        out.status.success(),
+        "deploy/local/services standby-postgres {cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Writes to `url` until told to stop: updates, deletes and inserts.
+fn writer(
+    url: String,
+    schema: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let env = crate::support::Env {
+            pg_url: url,
+            ..crate::support::env()
+        };
+        let pg = pg(&env).await;
+        let mut i: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let id = fastrand::i64(1..=600);
+            let sql = match i % 4 {
+                0 => format!("DELETE FROM {schema}.items WHERE id = {id}"),
+                1 => format!(
+                    "INSERT INTO {schema}.items VALUES ({id}, {i}) ON CONFLICT (id) DO UPDATE SET qty = EXCLUDED.qty"
+                ),
+                _ => format!("UPDATE {schema}.items SET qty = qty + 1 WHERE id = {id}"),
+            };
+            if pg.batch_execute(&sql).await.is_ok() {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+}
+
+async fn differs(cfg: &Config) -> Option<String> {
+    let report = reconcile(
+        cfg,
+        &ReconcileOptions {
+            table: None,
+            repair: false,
+            chunk_rows: 1000,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reconcile: {}", walgraph::error_sentence(&e)));
+    report
+        .iter()
+        .any(|t| t.differs())
+        .then(|| format!("{report:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_goes_on_from_a_promoted_standby_with_nothing_lost_or_applied_twice() {
+    Box::pin(scenario()).await;
+}
+
+async fn scenario() {
+    // The standby changes the primary's settings for failover slots.
+    let _exclusive = SERVICES.write().await;
+    let mut fx = Fixture::new(DDL, MAPPING).await;
+    fx.config.postgres.failover = true;
+    let version: i32 = fx
+        .pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .expect("version")
+        .get(0);
+    if version < 170_000 {
+        let refused = walgraph::commands::setup::setup(&fx.config)
+            .await
+            .map(|_| ())
+            .expect_err("postgres.failover is refused before PostgreSQL 17");
+        let sentence = walgraph::error_sentence(&refused);
+        assert!(sentence.contains("PostgreSQL 17"), "{sentence}");
+        let slots: i64 = fx
+            .pg
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&fx.config.postgres.slot],
+            )
+            .await
+            .expect("slots")
+            .get(0);
+        assert_eq!(slots, 0, "nothing created before the refusal");
+        fx.cleanup().await;
+        return;
+    }
+    // An existing slot is made a failover slot by `setup`.
+    fx.config.postgres.failover = false;
+    fx.setup().await;
+    fx.config.postgres.failover = true;
+    let lines = fx.setup().await;
+    assert!(
+        lines.iter().any(|l| l.contains("failover slot now")),
+        "{lines:?}"
+    );
+    let st = walgraph::commands::status::collect(&fx.config, 0)
+        .await
+        .unwrap_or_else(|e| panic!("status: {}", walgraph::error_sentence(&e)));
+    assert_eq!(st.failover, Some(true), "status shows the failover slot");
+    assert_eq!(st.invalidation_reason, None);
+
+    walgraph::commands::snapshot::snapshot(
+        &fx.config,
+        &walgraph::commands::snapshot::SnapshotOptions {
+            chunk_rows: 1000,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    let port = standby("up");
+    let standby_url = fx.env.pg_url.replace(
+        &format!(":{}/", url_port(&fx.env.pg_url)),
+        &format!(":{port}/"),
+    );
+    let result = async {
+        // Under load on the primary, killed in the middle.
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let w = writer(
+            fx.env.pg_url.clone(),
+            fx.schema.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&done),
+        );
+        let run = fx.start();
+        let standby_env = crate::support::Env {
+            pg_url: standby_url.clone(),
+            ..crate::support::env()
+        };
+        let on_standby = pg(&standby_env).await;
+        // The standby keeps a synchronized copy of the slot.
+        let slot = fx.config.postgres.slot.clone();
+        eventually(
+            Duration::from_secs(120),
+            "the standby to hold a synchronized copy of the slot",
+            || async {
+                let row = on_standby
+                    .query_opt(
+                        "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .ok()
+                    .flatten()?;
+                row.get::<_, Option<bool>>(0).filter(|s| *s)
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        run.handle.abort();
+        let _ = run.handle.await;
+        stop.store(true, Ordering::Relaxed);
+        w.await.expect("writer");
+        assert!(done.load(Ordering::Relaxed) > 0);
+
+        // The standby becomes the primary; walgraph goes there.
+        standby("promote");
+        let mut cfg = fx.config.clone();
+        cfg.postgres.url = Some(standby_url.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = writer(
+            standby_url.clone(),
+            fx.schema.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&done),
+        );
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let run_cfg = cfg.clone();
+        let handle = tokio::spawn(async move { walgraph::pipeline::run(&run_cfg, rx).await });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        w.await.expect("writer");
+        eventually(
+            Duration::from_secs(90),
+            "the graph to equal the promoted standby",
+            || async { differs(&cfg).await.is_none().then_some(()) },
+        )
+        .await;
+        assert!(
+            !handle.is_finished(),
+            "run streams from the promoted standby"
+        );
+        let _ = tx.send(true);
+        let ended = handle.await.expect("run task");
+        assert!(ended.is_ok(), "{ended:?}");
+        // Nothing applied twice: every node is one row of the new primary,
+        // with its quantity.
+        let rows: i64 = on_standby
+            .query_one(&format!("SELECT count(*) FROM {}.items", fx.schema), &[])
+            .await
+            .expect("rows")
+            .get(0);
+        let nodes = fx
+            .cypher("MATCH (n:{p}Item) RETURN count(n) AS n")
+            .await
+            .first()
+            .and_then(|r| r["n"].as_i64())
+            .unwrap_or(-1);
+        assert_eq!(nodes, rows);
+        let _ = on_standby
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+    };
+    Box::pin(result).await;
+    standby("down");
+    fx.cleanup().await;
+}
+
+fn url_port(url: &str) -> String {
+    url.rsplit_once(':')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(port, _)| port.to_string())
+        .unwrap_or_default()
+}
