@@ -111,6 +111,10 @@ pub enum Command {
         /// walgraph's own slot.
         #[arg(long)]
         two_phase: bool,
+        /// Leave logical messages (`pg_logical_emit_message`) out; every
+        /// slot gets all of them, whatever its publications.
+        #[arg(long)]
+        no_messages: bool,
     },
     /// Show the slot's position and lag, the checkpoint in Neo4j, and how
     /// many nodes and relationships each mapped label and type has.
@@ -201,6 +205,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             idle_timeout,
             confirm,
             two_phase,
+            no_messages,
         } => {
             let opts = commands::peek::PeekOptions {
                 slot: (!temporary).then(|| cfg.postgres.slot.clone()),
@@ -208,6 +213,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 proto_version: cfg.postgres.proto_version,
                 streaming: cfg.postgres.streaming,
                 two_phase,
+                messages: !no_messages,
                 spill: cfg.postgres.spill(),
                 limit,
                 idle_timeout,

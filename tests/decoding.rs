@@ -394,7 +394,7 @@ async fn transactional_logical_messages_travel_with_their_transaction() {
          COMMIT;",
     )
     .await;
-    let txns = fx.peek(1).await;
+    let txns = fx.peek_messages(1).await;
     assert_eq!(
         txns[0]["messages"],
         json!([{"prefix": "walgraph-test", "content": "hello"}])
@@ -547,6 +547,7 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
             proto_version: None,
             streaming: true,
             two_phase: true,
+            messages: false,
             spill: walgraph::config::SpillSettings::default(),
             limit: Some(3),
             idle_timeout: Some(std::time::Duration::from_secs(5)),

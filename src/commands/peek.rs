@@ -34,6 +34,9 @@ pub struct PeekOptions {
     pub streaming: bool,
     /// Show prepared transactions at PREPARE (protocol 3+).
     pub two_phase: bool,
+    /// Ask for logical messages (`pg_logical_emit_message`): every slot
+    /// gets every database's messages, whatever its publications.
+    pub messages: bool,
     /// Spill settings for streamed transactions.
     pub spill: crate::config::SpillSettings,
     /// Stop after this many transactions.
@@ -188,7 +191,7 @@ pub async fn peek(
             publications: opts.publications.clone(),
             start: Lsn::ZERO,
             proto_version,
-            messages: true,
+            messages: opts.messages,
             streaming: opts.streaming,
             two_phase: opts.two_phase,
         })

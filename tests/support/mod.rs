@@ -369,7 +369,8 @@ impl Fixture {
     }
 
     /// Reads up to `n` transactions from the fixture's slot with `walgraph
-    /// peek` (confirming nothing), as JSON; gives up after 15 s of silence.
+    /// peek` (confirming nothing), as JSON, without logical messages (every
+    /// slot gets every test's); gives up after 60 s of silence.
     pub async fn peek(&self, n: usize) -> Vec<serde_json::Value> {
         self.peek_with(n, walgraph::config::SpillSettings::default())
             .await
@@ -381,14 +382,26 @@ impl Fixture {
         n: usize,
         spill: walgraph::config::SpillSettings,
     ) -> Vec<serde_json::Value> {
-        self.peek_inner(n, spill, None).await
+        self.peek_inner(n, spill, None, false).await
     }
 
     /// As [`Fixture::peek`], asking for two-phase transactions at PREPARE.
     /// As [`Fixture::peek`], with two-phase decoding, from the slot `slot`
     /// (never walgraph's own: two-phase decoding stays on for a slot).
     pub async fn peek_two_phase(&self, slot: &str, n: usize) -> Vec<serde_json::Value> {
-        self.peek_inner(n, walgraph::config::SpillSettings::default(), Some(slot))
+        self.peek_inner(
+            n,
+            walgraph::config::SpillSettings::default(),
+            Some(slot),
+            false,
+        )
+        .await
+    }
+
+    /// As [`Fixture::peek`], with logical messages — which every slot gets
+    /// from every test, so only the test of messages asks for them.
+    pub async fn peek_messages(&self, n: usize) -> Vec<serde_json::Value> {
+        self.peek_inner(n, walgraph::config::SpillSettings::default(), None, true)
             .await
     }
 
@@ -397,6 +410,7 @@ impl Fixture {
         n: usize,
         spill: walgraph::config::SpillSettings,
         two_phase_slot: Option<&str>,
+        messages: bool,
     ) -> Vec<serde_json::Value> {
         let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
         let opts = walgraph::commands::peek::PeekOptions {
@@ -407,6 +421,7 @@ impl Fixture {
             proto_version: None,
             streaming: true,
             two_phase: two_phase_slot.is_some(),
+            messages,
             spill,
             limit: Some(n),
             // Long: a slot decodes every test's WAL before its own changes.
