@@ -531,13 +531,7 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
         .await
         .expect("a second slot");
     prepare_commit_and_roll_back(&fx).await;
-    let version: i32 = fx
-        .pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .expect("version")
-        .get(0);
-    if version < 150_000 {
+    if fx.server_version().await < 150_000 {
         // pgoutput decodes prepared transactions from protocol 3 (15) on:
         // asked for before, peek says so rather than decoding without it.
         let info = walgraph::source::ConnInfo::parse(&fx.env.pg_url).expect("pg url");

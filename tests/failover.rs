@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walgraph::commands::reconcile::{reconcile, ReconcileOptions};
 use walgraph::config::Config;
 
 use crate::support::{eventually, pg, Fixture, SERVICES};
@@ -65,17 +64,7 @@ fn writer(
 }
 
 async fn differs(cfg: &Config) -> Option<String> {
-    let report = reconcile(
-        cfg,
-        &ReconcileOptions {
-            table: None,
-            repair: false,
-            chunk_rows: 1000,
-            progress_bar: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("reconcile: {}", walgraph::error_sentence(&e)));
+    let report = crate::backfill::reconcile_report(cfg).await;
     report
         .iter()
         .any(|t| t.differs())
@@ -92,13 +81,7 @@ async fn scenario() {
     let _exclusive = SERVICES.write().await;
     let mut fx = Fixture::new(DDL, MAPPING).await;
     fx.config.postgres.failover = true;
-    let version: i32 = fx
-        .pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .expect("version")
-        .get(0);
-    if version < 170_000 {
+    if fx.server_version().await < 170_000 {
         let refused = walgraph::commands::setup::setup(&fx.config)
             .await
             .map(|_| ())

@@ -165,6 +165,15 @@ fn prop_name(entry: &str) -> &str {
     entry.split_once('=').map_or(entry, |(p, _)| p)
 }
 
+/// The properties of `old` entries that no `new` entry maps.
+fn gone(old: &[String], new: &[String]) -> Vec<String> {
+    old.iter()
+        .map(|e| prop_name(e))
+        .filter(|p| !new.iter().any(|e| prop_name(e) == *p))
+        .map(str::to_string)
+        .collect()
+}
+
 /// One kind of work over many graph items, done in steps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Step {
@@ -315,13 +324,7 @@ pub(super) fn plan(old: &BTreeMap<String, Shape>, new: &BTreeMap<String, Shape>)
                     }
                     relabel.insert(on.label.clone(), nn.label.clone());
                 }
-                let gone: Vec<String> = on
-                    .props
-                    .iter()
-                    .map(|e| prop_name(e))
-                    .filter(|p| !nn.props.iter().any(|e| prop_name(e) == *p))
-                    .map(str::to_string)
-                    .collect();
+                let gone = gone(&on.props, &nn.props);
                 if !gone.is_empty() {
                     remove_node_props.push(Step::RemoveNodeProps {
                         label: nn.label.clone(),
@@ -387,13 +390,7 @@ pub(super) fn plan(old: &BTreeMap<String, Shape>, new: &BTreeMap<String, Shape>)
                     && or.to == nr.to
                     && or.key == nr.key =>
             {
-                let gone: Vec<String> = or
-                    .props
-                    .iter()
-                    .map(|e| prop_name(e))
-                    .filter(|p| !nr.props.iter().any(|e| prop_name(e) == *p))
-                    .map(str::to_string)
-                    .collect();
+                let gone = gone(&or.props, &nr.props);
                 if !gone.is_empty() {
                     edge_steps.push(Step::RemoveEdgeProps {
                         rel_type: ty.to_string(),

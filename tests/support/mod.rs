@@ -178,6 +178,15 @@ impl Fixture {
         self.pg = pg(&self.env).await;
     }
 
+    /// The server's `server_version_num` (150004 for 15.4).
+    pub async fn server_version(&self) -> i32 {
+        self.pg
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .expect("server_version_num")
+            .get(0)
+    }
+
     /// `{p}Name` for this fixture.
     pub fn label(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
