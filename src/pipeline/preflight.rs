@@ -44,10 +44,6 @@ pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, Run
     Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
 }
 
-async fn slot_info_failover(pg: &PgClient, slot: &str) -> Result<Option<bool>, RunError> {
-    Ok(pg.slot(slot).await?.and_then(|s| s.failover))
-}
-
 /// Checks the world before streaming: `wal_level`, the mapping against the
 /// catalog, publication, slot, Neo4j and its constraints.
 pub async fn prepare(cfg: &Config) -> Result<Prepared, RunError> {
@@ -133,6 +129,7 @@ async fn prepare_checks(
     let slot = &cfg.postgres.slot;
     let slot_info = pg.slot(slot).await?;
     let confirmed_flush = slot_info.as_ref().and_then(|s| s.confirmed_flush_lsn);
+    let is_failover = slot_info.as_ref().and_then(|s| s.failover);
     match slot_info {
         None => {
             return Err(RunError::NotReady(format!(
@@ -177,7 +174,7 @@ async fn prepare_checks(
         }
         Some(_) => {}
     }
-    if cfg.postgres.failover && slot_info_failover(&pg, slot).await? == Some(false) {
+    if cfg.postgres.failover && is_failover == Some(false) {
         tracing::warn!(%slot, "postgres.failover is set but the slot is no failover slot; run `walgraph setup` (with walgraph stopped) to make it one");
     }
     if null_sink {
