@@ -115,6 +115,11 @@ pub enum Command {
         /// slot gets all of them, whatever its publications.
         #[arg(long)]
         no_messages: bool,
+        /// Also print a line for each streamed transaction that rolled back
+        /// (`{"rolled_back":{…}}`, with the abort's LSN and time on
+        /// PostgreSQL 16+); these lines count towards --limit.
+        #[arg(long)]
+        rollbacks: bool,
     },
     /// Show the slot's position and lag, the checkpoint in Neo4j, and how
     /// many nodes and relationships each mapped label and type has.
@@ -206,6 +211,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             confirm,
             two_phase,
             no_messages,
+            rollbacks,
         } => {
             let opts = commands::peek::PeekOptions {
                 slot: (!temporary).then(|| cfg.postgres.slot.clone()),
@@ -214,6 +220,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 streaming: cfg.postgres.streaming,
                 two_phase,
                 messages: !no_messages,
+                rollbacks,
                 spill: cfg.postgres.spill(),
                 limit,
                 idle_timeout,

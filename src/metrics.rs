@@ -39,6 +39,8 @@ pub struct Metrics {
     pub backfill_rows: AtomicU64,
     /// Tables the online backfill has still to copy.
     pub backfill_tables_left: AtomicU64,
+    /// Streamed transactions that rolled back (received in part, discarded).
+    pub streamed_rollbacks: AtomicU64,
 }
 
 /// A histogram of commit-to-graph latency: buckets 5 % wide from 100 µs to
@@ -217,6 +219,12 @@ impl Metrics {
             "gauge",
             "Tables added to the mapping not yet copied.",
             get(&self.backfill_tables_left),
+        );
+        metric(
+            "walgraph_streamed_rollbacks_total",
+            "counter",
+            "Streamed transactions that rolled back after part of them had arrived.",
+            get(&self.streamed_rollbacks),
         );
         metric(
             "walgraph_batch_stuck",

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value as Json};
 use walgraph::config::SpillSettings;
+use walgraph::lsn::Lsn;
 
 use crate::support::{Fixture, SERVICES};
 
@@ -277,34 +278,80 @@ async fn a_streamed_transaction_is_assembled_spilled_and_applied_at_commit() {
     )
     .await;
     fx.setup().await;
-    fx.sql("INSERT INTO {s}.big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
-        .await;
-    fx.sql("BEGIN; INSERT INTO {s}.big SELECT g, 'gone' FROM generate_series(20001, 40000) g")
-        .await;
-    fx.sql("ROLLBACK").await;
-    for stmt in [
-        "BEGIN",
-        "INSERT INTO {s}.big SELECT g, 'kept' FROM generate_series(40001, 50000) g",
-        "SAVEPOINT s",
-        "INSERT INTO {s}.big SELECT g, 'rolled back' FROM generate_series(50001, 60000) g",
-        "ROLLBACK TO SAVEPOINT s",
-        "INSERT INTO {s}.big VALUES (60001, 'after')",
-        "COMMIT",
-    ] {
-        fx.sql(stmt).await;
-    }
     let spill_dir = std::env::temp_dir().join(format!("walgraph-test-spill-{}", fx.id));
     std::fs::create_dir_all(&spill_dir).expect("spill dir");
     let spill = SpillSettings {
         memory_limit: 64 * 1024,
         dir: spill_dir.clone(),
     };
-    let txns = fx.peek_with(2, spill).await;
+    let writes = async {
+        fx.sql("INSERT INTO {s}.big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
+            .await;
+        let (before_abort, after_abort) = fx
+            .roll_back_streamed(
+                "INSERT INTO {s}.big SELECT g, 'gone' FROM generate_series(20001, 40000) g",
+            )
+            .await;
+        for stmt in [
+            "BEGIN",
+            "INSERT INTO {s}.big SELECT g, 'kept' FROM generate_series(40001, 50000) g",
+            "SAVEPOINT s",
+            "INSERT INTO {s}.big SELECT g, 'rolled back' FROM generate_series(50001, 60000) g",
+            "ROLLBACK TO SAVEPOINT s",
+            "INSERT INTO {s}.big VALUES (60001, 'after')",
+            "COMMIT",
+        ] {
+            fx.sql(stmt).await;
+        }
+        (before_abort, after_abort)
+    };
+    let (mut txns, (before_abort, after_abort)) = tokio::join!(fx.peek_rollbacks(3, spill), writes);
     assert!(
         streamed_txns(&fx).await >= 2,
         "Postgres did not stream; is logical_decoding_work_mem low?"
     );
-    assert_eq!(txns.len(), 2, "the aborted transaction must leave no trace");
+    assert_eq!(
+        txns.len(),
+        3,
+        "two transactions and the rollback between them"
+    );
+    // The rollback is reported, never applied; from PostgreSQL 16 on the
+    // stream is asked for in 'parallel' mode, and the abort carries where
+    // and when it happened.
+    let rolled = txns.remove(1);
+    let rolled = &rolled["rolled_back"];
+    assert!(rolled["messages"].as_u64().unwrap_or(0) > 0, "{rolled}");
+    assert!(rolled["bytes"].as_u64().unwrap_or(0) > 0, "{rolled}");
+    if fx.server_version().await >= 160_000 {
+        let lsn: Lsn = rolled["abort_lsn"]
+            .as_str()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("no abort LSN on protocol 4: {rolled}"));
+        assert!(
+            lsn > before_abort.0 && lsn <= after_abort.0,
+            "abort at {lsn}, not between {} and {}",
+            before_abort.0,
+            after_abort.0
+        );
+        let at = rolled["abort_time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .unwrap_or_else(|| panic!("no abort time on protocol 4: {rolled}"))
+            .timestamp_micros();
+        assert!(
+            at >= before_abort.1 && at <= after_abort.1,
+            "abort at {at} µs, not between {} and {}",
+            before_abort.1,
+            after_abort.1
+        );
+    } else {
+        assert!(rolled["abort_lsn"].is_null(), "{rolled}");
+        assert!(rolled["abort_time"].is_null(), "{rolled}");
+    }
+    assert!(
+        txns.iter().all(|t| t.get("rolled_back").is_none()),
+        "the aborted transaction must leave no other trace"
+    );
     let ids = |t: &Json| -> Vec<i64> {
         t["changes"]
             .as_array()
@@ -542,6 +589,7 @@ async fn with_two_phase_decoding_prepared_transactions_still_apply_only_at_commi
             streaming: true,
             two_phase: true,
             messages: false,
+            rollbacks: false,
             spill: walgraph::config::SpillSettings::default(),
             limit: Some(3),
             idle_timeout: Some(std::time::Duration::from_secs(5)),

@@ -602,6 +602,22 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
         "{}",
         metrics.1
     );
+    // A large transaction streamed while it runs, then rolled back, is
+    // counted and logged, and nothing of it reaches the graph.
+    fx.roll_back_streamed(
+        "INSERT INTO {s}.users SELECT g, 'gone ' || g, NULL FROM generate_series(10, 5009) g",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the rollback in /metrics",
+        || async {
+            http_get(&addr, "/metrics")
+                .await
+                .filter(|(_, body)| body.contains("walgraph_streamed_rollbacks_total 1"))
+        },
+    )
+    .await;
 
     // `status` reports the running process from the same endpoint.
     let status = fx
@@ -628,6 +644,18 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("a streamed transaction rolled back"),
+        "the rollback is logged: {log}"
+    );
+    let gone = fx
+        .cypher(&format!(
+            "MATCH (u:{}) WHERE u.id >= 10 RETURN count(u) AS n",
+            fx.label("User")
+        ))
+        .await;
+    assert_eq!(gone[0]["n"], json!(0), "nothing of the rollback applied");
     let _ = std::fs::remove_dir_all(&dir);
     fx.cleanup().await;
 }

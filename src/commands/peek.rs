@@ -18,7 +18,9 @@ use crate::decode::{Field, Relation, Row};
 use crate::lsn::Lsn;
 use crate::source::catalog::PgClient;
 use crate::source::{ConnInfo, ReplicationEvent, ReplicationStream, StartOptions};
-use crate::transactions::{Assembler, Change, LogicalMessage, TxnHeader, TxnPart, PARTS_PER_TURN};
+use crate::transactions::{
+    Assembler, Change, LogicalMessage, StreamRollback, TxnHeader, TxnPart, PARTS_PER_TURN,
+};
 
 /// What to peek at.
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct PeekOptions {
     /// Ask for logical messages (`pg_logical_emit_message`): every slot
     /// gets every database's messages, whatever its publications.
     pub messages: bool,
+    /// Also print a line for each streamed transaction that rolled back
+    /// (with its abort position and time on protocol 4).
+    pub rollbacks: bool,
     /// Spill settings for streamed transactions.
     pub spill: crate::config::SpillSettings,
     /// Stop after this many transactions.
@@ -148,6 +153,18 @@ impl JsonLines<'_> {
     }
 }
 
+/// A streamed transaction that rolled back, as one JSON line:
+/// `{"rolled_back":{"xid":…,"abort_lsn":…,"abort_time":…,"messages":…,"bytes":…}}`.
+fn rollback_json(r: &StreamRollback) -> Json {
+    json!({"rolled_back": {
+        "xid": r.xid,
+        "abort_lsn": r.abort.map(|(lsn, _)| lsn),
+        "abort_time": r.abort.map(|(_, t)| pg_time_text(t)),
+        "messages": r.messages,
+        "bytes": r.bytes,
+    }})
+}
+
 /// Microseconds since 2000-01-01 UTC as RFC 3339 text.
 fn pg_time_text(micros: i64) -> String {
     let unix = crate::lsn::pg_micros_to_unix(micros);
@@ -254,6 +271,16 @@ pub async fn peek(
                     assembler
                         .push(&data)
                         .map_err(|e| anyhow::anyhow!("cannot read the message at {wal_start}: {e}"))?;
+                    for r in assembler.take_rollbacks() {
+                        if opts.rollbacks {
+                            writeln!(lines.out, "{}", rollback_json(&r))
+                                .and_then(|()| lines.out.flush())
+                                .map_err(|e| anyhow::anyhow!("cannot write the output: {e}"))?;
+                            lines.written += 1;
+                            printed = lines.written;
+                            last_txn = Instant::now();
+                        }
+                    }
                     let new_types = assembler.take_new_types();
                     if !new_types.is_empty() {
                         let catalog = match &catalog {

@@ -258,6 +258,13 @@ pub(super) async fn stream_once(
                     server_wal_end = server_wal_end.max(wal_end);
                     metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
                     assembler.push(&data).map_err(|source| RunError::Stream { lsn: start, source })?;
+                    for r in assembler.take_rollbacks() {
+                        metrics.streamed_rollbacks.fetch_add(1, Ordering::Relaxed);
+                        let at = r.abort.map_or_else(|| format!("near {start}"), |(lsn, t)| {
+                            format!("at {lsn}, {:.1} s ago", (crate::lsn::pg_now() - t) as f64 / 1e6)
+                        });
+                        tracing::info!(xid = r.xid, messages = r.messages, bytes = r.bytes, "a streamed transaction rolled back {at}; what had arrived of it is discarded");
+                    }
                     let new_types = assembler.take_new_types();
                     if !new_types.is_empty() {
                         assembler.add_base_types(&catalog.base_types(&new_types).await?);

@@ -117,7 +117,8 @@ pub struct StartOptions {
     pub proto_version: u32,
     /// Ask for logical decoding messages.
     pub messages: bool,
-    /// Ask for in-progress transactions to be streamed (protocol 2+).
+    /// Ask for in-progress transactions to be streamed (protocol 2+;
+    /// `parallel` mode with protocol 4, so rollbacks carry their position).
     pub streaming: bool,
     /// Ask for two-phase transactions to be sent at PREPARE (protocol 3+).
     pub two_phase: bool,
@@ -263,7 +264,12 @@ impl ReplicationStream {
         if opts.messages {
             options.push("messages 'true'".into());
         }
-        if opts.streaming && opts.proto_version >= 2 {
+        // 'parallel' (protocol 4) differs on the wire only in that a
+        // stream abort carries the abort's LSN and time, which walgraph
+        // reports; it applies at commit either way.
+        if opts.streaming && opts.proto_version >= 4 {
+            options.push("streaming 'parallel'".into());
+        } else if opts.streaming && opts.proto_version >= 2 {
             options.push("streaming 'on'".into());
         }
         if opts.two_phase && opts.proto_version >= 3 {

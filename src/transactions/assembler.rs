@@ -17,7 +17,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::spill::{SpillReader, StreamBuffer};
-use super::{AssembleError, Change, LogicalMessage, Op, Transaction, TxnHeader, TxnPart};
+use super::{
+    AssembleError, Change, LogicalMessage, Op, StreamRollback, Transaction, TxnHeader, TxnPart,
+};
 use crate::config::SpillSettings;
 use crate::decode::{
     decode_message, decode_row, Decoder, OldKind, PgOutputMessage, Relation, RelationCache, Row,
@@ -173,6 +175,9 @@ pub struct Assembler {
     /// User types announced by Type messages that the relation cache does
     /// not know yet (see [`Assembler::take_new_types`]).
     new_types: Vec<u32>,
+    /// Streamed transactions that rolled back, not yet taken (see
+    /// [`Assembler::take_rollbacks`]).
+    rollbacks: Vec<StreamRollback>,
 }
 
 impl Assembler {
@@ -196,6 +201,11 @@ impl Assembler {
     /// is the Relation that uses them.
     pub fn take_new_types(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.new_types)
+    }
+
+    /// Streamed transactions that rolled back since the last call.
+    pub fn take_rollbacks(&mut self) -> Vec<StreamRollback> {
+        std::mem::take(&mut self.rollbacks)
     }
 
     /// Remembers what user types are read as (see [`Assembler::take_new_types`]).
@@ -363,9 +373,16 @@ impl Assembler {
                     None => self.ready.push_back(TxnPart::Commit(header)),
                 }
             }
-            PgOutputMessage::StreamAbort { xid, subxid, .. } => {
+            PgOutputMessage::StreamAbort { xid, subxid, abort } => {
                 if xid == subxid {
-                    self.streams.remove(&xid);
+                    if let Some(b) = self.streams.remove(&xid) {
+                        self.rollbacks.push(StreamRollback {
+                            xid,
+                            abort,
+                            messages: b.received.0,
+                            bytes: b.received.1,
+                        });
+                    }
                 } else if let Some(b) = self.streams.get_mut(&xid) {
                     b.aborted.insert(subxid);
                 }

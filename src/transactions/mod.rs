@@ -130,6 +130,21 @@ pub enum TxnPart {
     Commit(TxnHeader),
 }
 
+/// A streamed transaction that rolled back: what walgraph had received of
+/// it, all discarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRollback {
+    /// Top-level transaction id.
+    pub xid: Xid,
+    /// LSN and time of the abort, which the server sends with `streaming
+    /// 'parallel'` (protocol 4, PostgreSQL 16+); `None` before.
+    pub abort: Option<(Lsn, i64)>,
+    /// Messages received (changes, relations, subtransaction aborts).
+    pub messages: u64,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
 /// How many parts a loop takes before it looks at its connection again, so
 /// a huge transaction read back from its spill file does not starve the
 /// status updates.

@@ -25,6 +25,8 @@ pub(super) struct StreamBuffer {
     spill: Option<(PathBuf, BufWriter<std::fs::File>)>,
     /// Subtransactions that aborted; their messages are skipped at replay.
     pub(super) aborted: HashSet<Xid>,
+    /// Messages and bytes received, for the report of a rollback.
+    pub(super) received: (u64, u64),
 }
 
 impl StreamBuffer {
@@ -35,6 +37,7 @@ impl StreamBuffer {
             memory_bytes: 0,
             spill: None,
             aborted: HashSet::new(),
+            received: (0, 0),
         }
     }
 
@@ -43,6 +46,8 @@ impl StreamBuffer {
         msg: Bytes,
         settings: &SpillSettings,
     ) -> Result<(), AssembleError> {
+        self.received.0 += 1;
+        self.received.1 += msg.len() as u64;
         if self.spill.is_none() && self.memory_bytes + msg.len() > settings.memory_limit {
             // The file has no name from the start (unlinked at creation, or
             // O_TMPFILE): however walgraph ends, even by SIGKILL, the

@@ -185,20 +185,43 @@ fn an_aborted_stream_leaves_nothing_and_its_schema_is_forgotten() {
         ),
         (relation(Some(5)), true),
         (insert(Some(5), 1), true),
+        (insert(Some(5), 2), true),
         (PgOutputMessage::StreamStop, false),
         (
             PgOutputMessage::StreamAbort {
                 xid: 5,
-                subxid: 5,
-                abort: None,
+                subxid: 6,
+                abort: Some((Lsn::new(0x90), 1_000)),
             },
             false,
         ),
     ] {
         assert!(a.push_raw(&encode_message(&m, s)).unwrap().is_none());
     }
+    assert!(
+        a.take_rollbacks().is_empty(),
+        "a subtransaction's abort is no rollback of the transaction"
+    );
+    let abort = PgOutputMessage::StreamAbort {
+        xid: 5,
+        subxid: 5,
+        abort: Some((Lsn::new(0xa0), 2_000)),
+    };
+    let raw = encode_message(&abort, false);
+    assert!(a.push_raw(&raw).unwrap().is_none());
     assert!(a.is_idle());
     assert!(a.relations().get(7).is_err());
+    let rolled = a.take_rollbacks();
+    assert_eq!(rolled.len(), 1, "{rolled:?}");
+    assert_eq!(rolled[0].xid, 5);
+    assert_eq!(rolled[0].abort, Some((Lsn::new(0xa0), 2_000)));
+    assert_eq!(rolled[0].messages, 3, "the relation and two inserts");
+    assert!(rolled[0].bytes > 0);
+    assert!(a.take_rollbacks().is_empty(), "taken once");
+    // An abort of a transaction never seen (its streaming began before the
+    // slot's position) reports nothing.
+    assert!(a.push_raw(&raw).unwrap().is_none());
+    assert!(a.take_rollbacks().is_empty());
 }
 
 fn feed(a: &mut Assembler, msgs: Vec<PgOutputMessage>) -> Vec<Transaction> {

@@ -249,6 +249,64 @@ impl Fixture {
         row.get::<_, String>(0).parse().expect("an LSN")
     }
 
+    /// Where the server inserts WAL (not where it has written it: the WAL
+    /// buffers may hold megabytes) and its clock, in microseconds since the
+    /// Unix epoch.
+    pub async fn wal_insert_position(&self) -> (Lsn, i64) {
+        let row = self
+            .pg
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, \
+                        (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .expect("the WAL insert position");
+        (row.get::<_, String>(0).parse().expect("an LSN"), row.get(1))
+    }
+
+    /// Runs `insert` in a transaction and rolls it back once the walsender
+    /// of the fixture's slot (peek or run must be reading it) has decoded
+    /// it — so streamed it, when it is above logical_decoding_work_mem:
+    /// PostgreSQL 18 does not stream a transaction it already knows to be
+    /// rolled back. Returns the WAL insert position and clock just before
+    /// and just after the ROLLBACK.
+    pub async fn roll_back_streamed(&self, insert: &str) -> ((Lsn, i64), (Lsn, i64)) {
+        self.sql(&format!("BEGIN; {insert}")).await;
+        let inserted = self.wal_insert_position().await.0;
+        // A commit elsewhere flushes the WAL for the walsender to read.
+        pg(&self.env)
+            .await
+            .batch_execute("SELECT pg_current_xact_id()")
+            .await
+            .expect("a commit");
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let sent: Option<String> = self
+                .pg
+                .query_one(
+                    "SELECT (SELECT r.sent_lsn::text FROM pg_stat_replication r \
+                       JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                      WHERE s.slot_name = $1)",
+                    &[&self.config.postgres.slot],
+                )
+                .await
+                .expect("pg_stat_replication")
+                .get(0);
+            if sent.and_then(|l| l.parse::<Lsn>().ok()) >= Some(inserted) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot's walsender did not decode the open transaction within 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let before = self.wal_insert_position().await;
+        self.sql("ROLLBACK").await;
+        (before, self.wal_insert_position().await)
+    }
+
     /// The slot's `confirmed_flush_lsn`.
     pub async fn confirmed_flush(&self) -> Lsn {
         let row = self
@@ -391,7 +449,17 @@ impl Fixture {
         n: usize,
         spill: walgraph::config::SpillSettings,
     ) -> Vec<serde_json::Value> {
-        self.peek_inner(n, spill, None, false).await
+        self.peek_inner(n, spill, None, false, false).await
+    }
+
+    /// As [`Fixture::peek_with`], with a line for each streamed transaction
+    /// that rolled back (`{"rolled_back": {…}}`).
+    pub async fn peek_rollbacks(
+        &self,
+        n: usize,
+        spill: walgraph::config::SpillSettings,
+    ) -> Vec<serde_json::Value> {
+        self.peek_inner(n, spill, None, false, true).await
     }
 
     /// As [`Fixture::peek`], asking for two-phase transactions at PREPARE.
@@ -403,6 +471,7 @@ impl Fixture {
             walgraph::config::SpillSettings::default(),
             Some(slot),
             false,
+            false,
         )
         .await
     }
@@ -410,8 +479,14 @@ impl Fixture {
     /// As [`Fixture::peek`], with logical messages — which every slot gets
     /// from every test, so only the test of messages asks for them.
     pub async fn peek_messages(&self, n: usize) -> Vec<serde_json::Value> {
-        self.peek_inner(n, walgraph::config::SpillSettings::default(), None, true)
-            .await
+        self.peek_inner(
+            n,
+            walgraph::config::SpillSettings::default(),
+            None,
+            true,
+            false,
+        )
+        .await
     }
 
     async fn peek_inner(
@@ -420,6 +495,7 @@ impl Fixture {
         spill: walgraph::config::SpillSettings,
         two_phase_slot: Option<&str>,
         messages: bool,
+        rollbacks: bool,
     ) -> Vec<serde_json::Value> {
         let info = walgraph::source::ConnInfo::parse(&self.env.pg_url).expect("pg url");
         let opts = walgraph::commands::peek::PeekOptions {
@@ -431,6 +507,7 @@ impl Fixture {
             streaming: true,
             two_phase: two_phase_slot.is_some(),
             messages,
+            rollbacks,
             spill,
             limit: Some(n),
             // Long: a slot decodes every test's WAL before its own changes.
