@@ -101,6 +101,12 @@ pub struct PostgresConfig {
     /// from a promoted standby. `setup` creates it so, or turns it on.
     #[serde(default)]
     pub failover: bool,
+    /// Publish stored generated columns (PostgreSQL 18+): `setup` gives
+    /// the publication `publish_generated_columns = stored`, so the stream
+    /// carries them and they are mapped like other columns (and copied by
+    /// the snapshot, backfill and reconcile alike).
+    #[serde(default)]
+    pub generated_columns: bool,
 }
 
 impl PostgresConfig {
@@ -133,6 +139,7 @@ impl Default for PostgresConfig {
             spill_dir: None,
             replay_window_mib: 0,
             failover: false,
+            generated_columns: false,
         }
     }
 }

@@ -231,3 +231,83 @@ fn url_port(url: &str) -> String {
         .map(|(port, _)| port.to_string())
         .unwrap_or_default()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_the_server_invalidated_for_standing_idle_is_explained_never_streamed() {
+    // Exclusive: the timeout applies to every slot of the server.
+    let _exclusive = SERVICES.write().await;
+    let fx = Fixture::new(DDL, MAPPING).await;
+    fx.setup().await;
+    crate::backfill::take_snapshot(&fx.config).await;
+    let config = fx.config_file("idle.toml", "", MAPPING);
+    let config = config.to_string_lossy().into_owned();
+    let status = || async {
+        let out = fx
+            .walgraph(&["--config", &config, "status", "--json"])
+            .await;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+            panic!("status JSON: {e}: {}", String::from_utf8_lossy(&out.stderr))
+        })
+    };
+    if fx.server_version().await < 180_000 {
+        // No such setting before 18.
+        let s = status().await;
+        assert!(s["idle_slot_timeout_seconds"].is_null(), "{s}");
+        fx.cleanup().await;
+        return;
+    }
+    let admin = pg(&fx.env).await;
+    for sql in [
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '1s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("set the timeout");
+    }
+    let s = eventually(
+        Duration::from_secs(10),
+        "status to show the timeout",
+        || async {
+            let s = status().await;
+            (s["idle_slot_timeout_seconds"] == serde_json::json!(1)).then_some(s)
+        },
+    )
+    .await;
+    assert!(s["invalidation_reason"].is_null(), "{s}");
+    // Idle past the timeout; the checkpoint invalidates it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let checkpoint = admin.batch_execute("CHECKPOINT").await;
+    for sql in [
+        "ALTER SYSTEM RESET idle_replication_slot_timeout",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("reset the timeout");
+    }
+    checkpoint.expect("CHECKPOINT");
+    let s = status().await;
+    assert_eq!(s["invalidation_reason"], "idle_timeout", "{s}");
+    let text = fx.walgraph(&["--config", &config, "status"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("INVALIDATED            idle_timeout"),
+        "{text}"
+    );
+
+    // `run` says what happened and what to do, and writes nothing.
+    fx.sql("UPDATE {s}.items SET qty = 99 WHERE id = 1").await;
+    let refused = fx.walgraph(&["--config", &config, "run"]).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "run must refuse: {err}");
+    assert!(
+        err.contains("was invalidated (it stayed idle longer than the server's idle_replication_slot_timeout)")
+            && err.contains("walgraph snapshot --restart"),
+        "{err}"
+    );
+    let qty = fx
+        .cypher(&format!(
+            "MATCH (n:{} {{id: 1}}) RETURN n.qty AS q",
+            fx.label("Item")
+        ))
+        .await;
+    assert_eq!(qty[0]["q"], serde_json::json!(0), "nothing streamed");
+    fx.cleanup().await;
+}

@@ -239,3 +239,153 @@ async fn an_interrupted_snapshot_resumes_where_it_stopped_and_ends_the_same() {
     assert_eq!(one, vec![json!({"v": 1001})]);
     fx.cleanup().await;
 }
+
+const PRICED_DDL: &str = "
+CREATE TABLE {s}.priced (id int PRIMARY KEY, price int NOT NULL,
+                         doubled int GENERATED ALWAYS AS (price * 2) STORED);
+INSERT INTO {s}.priced (id, price) SELECT g, g FROM generate_series(1, 500) g;
+";
+
+const PRICED_MAPPING: &str = r#"
+[[node]]
+table = "{s}.priced"
+label = "{p}Priced"
+"#;
+
+/// `(nodes, nodes whose doubled is price * 2, nodes with a doubled)`.
+async fn doubled(fx: &Fixture) -> (i64, i64, i64) {
+    let rows = fx
+        .cypher(&format!(
+            "MATCH (n:{}) RETURN count(n) AS n, \
+             count(CASE WHEN n.doubled = n.price * 2 THEN 1 END) AS right, \
+             count(n.doubled) AS have",
+            fx.label("Priced")
+        ))
+        .await;
+    let get = |k: &str| rows[0][k].as_i64().unwrap_or(-1);
+    (get("n"), get("right"), get("have"))
+}
+
+/// Changes prices (so doubled) and adds rows while `run` streams.
+async fn reprice(fx: &Fixture, round: i64) {
+    fx.sql(&format!(
+        "UPDATE {{s}}.priced SET price = price + {round} WHERE id % 7 = 0;
+         INSERT INTO {{s}}.priced (id, price) VALUES ({id}, {id});",
+        id = 1000 + round
+    ))
+    .await;
+}
+
+async fn clean(fx: &Fixture, what: &str) {
+    let report = crate::backfill::reconcile_report(&fx.config).await;
+    assert!(
+        !report.iter().any(|t| t.differs()),
+        "{what}: reconcile finds differences: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_generated_columns_are_mapped_exactly_when_the_publication_publishes_them() {
+    Box::pin(generated_columns()).await;
+}
+
+async fn generated_columns() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(PRICED_DDL, PRICED_MAPPING).await;
+    let sentence = |e: anyhow::Error| walgraph::error_sentence(&e);
+    if fx.server_version().await < 180_000 {
+        // Before 18 nothing sends generated columns: asking is refused, a
+        // mapping that names one is refused, and the rest is mapped.
+        fx.config.postgres.generated_columns = true;
+        let refused = walgraph::commands::setup::setup(&fx.config)
+            .await
+            .map_err(sentence)
+            .expect_err("generated_columns is refused before 18");
+        assert!(refused.contains("PostgreSQL 18"), "{refused}");
+        fx.config.postgres.generated_columns = false;
+        fx.config.nodes[0].include = Some(vec!["price".into(), "doubled".into()]);
+        let refused = walgraph::commands::setup::setup(&fx.config)
+            .await
+            .map_err(sentence)
+            .expect_err("a generated column in the mapping is refused before 18");
+        assert!(refused.contains("a generated column"), "{refused}");
+        fx.config.nodes[0].include = None;
+        fx.setup().await;
+        crate::backfill::take_snapshot(&fx.config).await;
+        assert_eq!(doubled(&fx).await, (500, 0, 0));
+        fx.cleanup().await;
+        return;
+    }
+
+    // 1. Asked for: setup publishes them, the snapshot copies them and the
+    //    stream keeps them right.
+    fx.config.postgres.generated_columns = true;
+    let lines = fx.setup().await.join("\n");
+    assert!(lines.contains("created publication"), "{lines}");
+    let gencols: String = fx
+        .pg
+        .query_one(
+            "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = $1",
+            &[&fx.config.postgres.publication],
+        )
+        .await
+        .expect("pubgencols")
+        .get(0);
+    assert_eq!(gencols, "s");
+    crate::backfill::take_snapshot(&fx.config).await;
+    assert_eq!(
+        doubled(&fx).await,
+        (500, 500, 500),
+        "copied by the snapshot"
+    );
+    let run = fx.start();
+    for round in 1..=3 {
+        reprice(&fx, round).await;
+    }
+    eventually(
+        Duration::from_secs(60),
+        "streamed doubled values",
+        || async { (doubled(&fx).await == (503, 503, 503)).then_some(()) },
+    )
+    .await;
+    run.stop().await;
+    clean(&fx, "published").await;
+
+    // 2. Turned off: setup stops publishing them, and the next run takes
+    //    the property off every node (a mapping change).
+    fx.config.postgres.generated_columns = false;
+    let lines = fx.setup().await.join("\n");
+    assert!(
+        lines.contains("publishes generated columns: none"),
+        "{lines}"
+    );
+    let run = fx.start();
+    reprice(&fx, 4).await;
+    eventually(
+        Duration::from_secs(60),
+        "doubled gone from every node",
+        || async { (doubled(&fx).await == (504, 0, 0)).then_some(()) },
+    )
+    .await;
+
+    // 3. Published by hand while run streams (the stream carries them at
+    //    once): followed like a column added — every node gets them, not
+    //    only the rows changed from now on.
+    fx.sql(&format!(
+        "ALTER PUBLICATION {} SET (publish_generated_columns = stored)",
+        fx.config.postgres.publication
+    ))
+    .await;
+    for round in 5..=6 {
+        reprice(&fx, round).await;
+    }
+    eventually(
+        Duration::from_secs(90),
+        "doubled on every node again",
+        || async { (doubled(&fx).await == (506, 506, 506)).then_some(()) },
+    )
+    .await;
+    run.stop().await;
+    clean(&fx, "published by hand").await;
+    fx.cleanup().await;
+}

@@ -16,14 +16,23 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let pg = PgClient::connect(&info).await?;
     pg.check_wal_level().await?;
     // Check everything before changing anything.
-    let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
+    if cfg.postgres.generated_columns {
+        pg.check_generated_columns().await?;
+    }
+    // Compiled as the publication will stream once set up.
+    let mapping =
+        crate::pipeline::compile_mapping_as(&pg, cfg, cfg.postgres.generated_columns).await?;
     if cfg.postgres.failover {
         pg.check_failover().await?;
     }
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
     let mut lines = vec![
-        pg.ensure_publication(&cfg.postgres.publication, &mapping.table_names())
-            .await?,
+        pg.ensure_publication(
+            &cfg.postgres.publication,
+            &mapping.table_names(),
+            cfg.postgres.generated_columns,
+        )
+        .await?,
     ];
     let (line, created_at, make_failover) = pg
         .ensure_slot(&cfg.postgres.slot, cfg.postgres.failover)

@@ -105,18 +105,18 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
     let c = reader.client();
 
     let tables = table_order(&prepared.mapping);
-    let catalog = reader.catalog(&tables).await?;
+    let catalog = reader.catalog(&tables, &prepared.publication).await?;
     let mut described = Vec::new();
     let mut total = state.rows;
     for name in &tables {
         if state.tables_done.contains(name) {
             continue;
         }
-        let pk = catalog
+        let (pk, leave_out) = catalog
             .get(name)
-            .map(|t| t.primary_key.clone())
+            .map(|t| (t.primary_key.clone(), t.generated.clone()))
             .unwrap_or_default();
-        let t = describe_table(c, name, &pk).await?;
+        let t = describe_table(c, name, &pk, &leave_out).await?;
         let count = c
             .query_one(
                 &format!("SELECT count(*) FROM {}", quote_qualified(name)),

@@ -64,6 +64,9 @@ pub struct Status {
     pub conflicting: Option<bool>,
     /// Why the slot was invalidated (17+), if it was.
     pub invalidation_reason: Option<String>,
+    /// The server's `idle_replication_slot_timeout` in seconds (18+), if
+    /// set: a slot unused for longer is invalidated.
+    pub idle_slot_timeout_seconds: Option<u64>,
     /// The server's current WAL position.
     pub server_wal_lsn: Lsn,
     /// Bytes of WAL not yet confirmed.
@@ -188,6 +191,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         synced: slot.as_ref().and_then(|s| s.synced),
         conflicting: slot.as_ref().and_then(|s| s.conflicting),
         invalidation_reason: slot.as_ref().and_then(|s| s.invalidation_reason.clone()),
+        idle_slot_timeout_seconds: pg.idle_slot_timeout().await?,
         server_wal_lsn,
         lag_bytes,
         lag_seconds,
@@ -391,6 +395,16 @@ pub fn render(s: &Status) -> String {
             opt(&s.synced),
             opt(&s.conflicting),
             opt(&s.invalidation_reason)
+        ));
+    }
+    if let Some(t) = s.idle_slot_timeout_seconds {
+        out.push_str(&format!(
+            "  idle slot timeout      {t} s (the server invalidates the slot if nothing uses it for longer)\n"
+        ));
+    }
+    if let Some(reason) = &s.invalidation_reason {
+        out.push_str(&format!(
+            "  INVALIDATED            {reason}: `walgraph run` cannot go on from this slot; see docs/operations.md\n"
         ));
     }
     if let Some(p) = &s.process {

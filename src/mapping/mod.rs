@@ -256,7 +256,7 @@ fn check_columns(
     for c in cols {
         if info.generated.contains(c) {
             return err(format!(
-                "the mapping names column `{c}` ({what}) of {table}, a generated column, which logical replication does not send; leave it out of the mapping"
+                "the mapping names column `{c}` ({what}) of {table}, a generated column, which the stream does not carry: leave it out of the mapping, or on PostgreSQL 18 or later (stored generated columns only) set postgres.generated_columns = true and run `walgraph setup`"
             ));
         }
         if !info.columns.contains(c) {

@@ -45,6 +45,8 @@ use crate::source::catalog::PgClient;
 /// The tables left to copy and where the copy stands.
 pub(super) struct Backfill {
     reader: Option<PgClient>,
+    /// The publication streamed (which generated columns to copy).
+    publication: String,
     info: crate::source::ConnInfo,
     slot: String,
     temp_slot: String,
@@ -166,6 +168,7 @@ impl Backfill {
         Ok(Some(Backfill {
             reader: None,
             info: p.info.clone(),
+            publication: p.publication.clone(),
             slot: slot.to_string(),
             temp_slot: format!(
                 "walgraph_backfill_{}_{}",
@@ -242,12 +245,14 @@ impl Backfill {
         };
         let c = reader.client();
         if self.current.is_none() {
-            let catalog = reader.catalog(std::slice::from_ref(&name)).await?;
-            let pk = catalog
+            let catalog = reader
+                .catalog(std::slice::from_ref(&name), &self.publication)
+                .await?;
+            let (pk, leave_out) = catalog
                 .get(&name)
-                .map(|t| t.primary_key.clone())
+                .map(|t| (t.primary_key.clone(), t.generated.clone()))
                 .unwrap_or_default();
-            let t = describe_table(c, &name, &pk)
+            let t = describe_table(c, &name, &pk, &leave_out)
                 .await
                 .map_err(|e| BackfillError::new(&name, &e))?;
             self.current = Some(t);

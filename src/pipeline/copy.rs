@@ -116,11 +116,14 @@ pub async fn read_chunk(
     Ok(out)
 }
 
-/// Describes table `name` for copying, ordered and resumed by `primary_key`.
+/// Describes table `name` for copying, ordered and resumed by `primary_key`,
+/// with the columns the stream carries as the catalog reads them
+/// ([`crate::source::catalog::TableInfo::generated`] left out).
 pub async fn describe_table(
     pg: &tokio_postgres::Client,
     name: &str,
     primary_key: &[String],
+    leave_out: &[String],
 ) -> anyhow::Result<Table> {
     let rows = pg
         .query(
@@ -129,9 +132,9 @@ pub async fn describe_table(
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
              JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
-               AND a.attgenerated = ''
+               AND a.attgenerated IN ('', 's') AND NOT a.attname = ANY($2)
              ORDER BY a.attnum",
-            &[&quote_qualified(name)],
+            &[&quote_qualified(name), &leave_out],
         )
         .await
         .with_context(|| format!("cannot read the columns of {name}"))?;

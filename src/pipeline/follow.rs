@@ -62,6 +62,8 @@ pub(super) struct Followup {
 /// shape of every mapped table.
 pub(super) struct ColumnWatch {
     mapping: Arc<Mapping>,
+    /// The publication streamed (which generated columns the stream carries).
+    publication: String,
     slot: String,
     known: HashMap<String, Vec<String>>,
     shapes: BTreeMap<String, Shape>,
@@ -131,12 +133,13 @@ impl ColumnWatch {
         slot: &str,
     ) -> Result<(ColumnWatch, Vec<Followup>), RunError> {
         let tables = p.mapping.table_names();
-        let catalog = pg.catalog(&tables).await?;
+        let catalog = pg.catalog(&tables, &p.publication).await?;
         let recorded = read_tables(sink, slot).await.map_err(|e| {
             RunError::NotReady(format!("cannot read the followed tables from Neo4j: {e}"))
         })?;
         let mut watch = ColumnWatch {
             mapping: Arc::clone(&p.mapping),
+            publication: p.publication.clone(),
             slot: slot.to_string(),
             known: HashMap::new(),
             shapes: BTreeMap::new(),
@@ -248,7 +251,7 @@ impl ColumnWatch {
         if tables.is_empty() {
             return Ok(());
         }
-        let catalog = pg.catalog(&tables).await?;
+        let catalog = pg.catalog(&tables, &self.publication).await?;
         let row = pg
             .client()
             .query_one("SELECT pg_current_wal_lsn()::text", &[])

@@ -45,7 +45,8 @@ mod stream;
 mod writer;
 
 pub use preflight::{
-    compile_mapping, prepare, prepare_beside_run, prepare_for_snapshot, prepare_with, Prepared,
+    compile_mapping, compile_mapping_as, prepare, prepare_beside_run, prepare_for_snapshot,
+    prepare_with, Prepared,
 };
 pub use replay::{replay, ReplayRange};
 

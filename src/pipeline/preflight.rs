@@ -25,6 +25,9 @@ pub struct Prepared {
     pub info: ConnInfo,
     /// The compiled mapping.
     pub mapping: Arc<Mapping>,
+    /// The publication streamed (whose settings say which generated
+    /// columns the stream carries).
+    pub publication: String,
     /// Neo4j; `None` for the null sink, which writes nothing (benchmarks).
     pub sink: Option<Sink>,
     /// The slot's `confirmed_flush_lsn` when it was checked: Postgres sends
@@ -32,15 +35,29 @@ pub struct Prepared {
     pub confirmed_flush: Option<Lsn>,
 }
 
-/// Reads the catalog of the mapped tables and compiles the mapping against it.
+/// Reads the catalog of the mapped tables as the publication streams them
+/// and compiles the mapping against it.
 pub async fn compile_mapping(pg: &PgClient, cfg: &Config) -> Result<Mapping, RunError> {
+    let gencols = pg
+        .publishes_generated_columns(&cfg.postgres.publication)
+        .await?;
+    compile_mapping_as(pg, cfg, gencols).await
+}
+
+/// As [`compile_mapping`], for a publication that does (`gencols`) or does
+/// not publish stored generated columns.
+pub async fn compile_mapping_as(
+    pg: &PgClient,
+    cfg: &Config,
+    gencols: bool,
+) -> Result<Mapping, RunError> {
     let tables: Vec<String> = cfg
         .nodes
         .iter()
         .map(|n| n.table.clone())
         .chain(cfg.relationships.iter().map(|r| r.table.clone()))
         .collect();
-    let catalog = pg.catalog(&tables).await?;
+    let catalog = pg.catalog_as(&tables, gencols).await?;
     Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
 }
 
@@ -119,6 +136,14 @@ async fn prepare_checks(
             }
         }
     }
+    if cfg.postgres.generated_columns {
+        pg.check_generated_columns().await?;
+        if !pg.publishes_generated_columns(publication).await? {
+            return Err(RunError::NotReady(format!(
+                "postgres.generated_columns is set, but publication {publication} does not publish generated columns; run `walgraph setup`"
+            )));
+        }
+    }
     let subsets = pg.publication_subsets(publication).await?;
     if !subsets.is_empty() {
         return Err(RunError::NotReady(format!(
@@ -174,6 +199,9 @@ async fn prepare_checks(
         }
         Some(_) => {}
     }
+    if let Some(secs) = pg.idle_slot_timeout().await? {
+        tracing::warn!(%slot, idle_replication_slot_timeout_s = secs, "Postgres invalidates a replication slot no connection uses for longer than idle_replication_slot_timeout: should walgraph stay stopped (or disconnected) longer than {secs} s, its slot is lost and a new snapshot is needed");
+    }
     if cfg.postgres.failover && is_failover == Some(false) {
         tracing::warn!(%slot, "postgres.failover is set but the slot is no failover slot; run `walgraph setup` (with walgraph stopped) to make it one");
     }
@@ -181,6 +209,7 @@ async fn prepare_checks(
         return Ok(Prepared {
             info,
             mapping,
+            publication: cfg.postgres.publication.clone(),
             sink: None,
             confirmed_flush,
         });
@@ -197,6 +226,7 @@ async fn prepare_checks(
     Ok(Prepared {
         info,
         mapping,
+        publication: cfg.postgres.publication.clone(),
         sink,
         confirmed_flush,
     })

@@ -16,14 +16,16 @@ use crate::lsn::Lsn;
 /// What the catalog says about one table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableInfo {
-    /// Column names in order, without generated columns: logical
-    /// replication does not send those (PostgreSQL 12–17; 18 only on
-    /// request), so walgraph maps what the stream carries.
+    /// Column names in order, without the generated columns the stream
+    /// does not carry: logical replication sends none before PostgreSQL
+    /// 18, and from 18 on stored ones when the publication has
+    /// `publish_generated_columns = stored` — walgraph maps what the stream
+    /// carries, and copies the same.
     pub columns: Vec<String>,
     /// The columns' types, aligned with `columns`: built-in type OIDs, a
     /// domain given as its base type (see [`base_types`]).
     pub types: Vec<u32>,
-    /// Stored generated columns, left out of `columns`.
+    /// Generated columns the stream does not carry, left out of `columns`.
     pub generated: Vec<String>,
     /// Primary key columns (empty without one).
     pub primary_key: Vec<String>,
@@ -276,24 +278,63 @@ impl PgClient {
         Ok(())
     }
 
+    /// Whether `publication` publishes stored generated columns
+    /// (`publish_generated_columns = stored`, PostgreSQL 18+); false when it
+    /// does not exist.
+    pub async fn publishes_generated_columns(
+        &self,
+        publication: &str,
+    ) -> Result<bool, CatalogError> {
+        // Through to_jsonb: the column exists from 18 on (a bool in its
+        // betas, a "char" since).
+        let row = self
+            .client
+            .query_opt(
+                "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some_and(|v| v == "s" || v == "true"))
+    }
+
     /// Reads columns, keys and replica identity of the given tables
-    /// (schema-qualified); tables that do not exist are left out.
-    pub async fn catalog(&self, tables: &[String]) -> Result<Catalog, CatalogError> {
+    /// (schema-qualified) as `publication` streams them (stored generated
+    /// columns only if it publishes them); tables that do not exist are
+    /// left out.
+    pub async fn catalog(
+        &self,
+        tables: &[String],
+        publication: &str,
+    ) -> Result<Catalog, CatalogError> {
+        let gencols = self.publishes_generated_columns(publication).await?;
+        self.catalog_as(tables, gencols).await
+    }
+
+    /// As [`PgClient::catalog`], for a publication that does (`gencols`) or
+    /// does not publish stored generated columns.
+    pub async fn catalog_as(
+        &self,
+        tables: &[String],
+        gencols: bool,
+    ) -> Result<Catalog, CatalogError> {
         let rows = self
             .client
             .query(
                 "SELECT n.nspname || '.' || c.relname AS t, c.oid, c.relreplident::text,
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                                AND a.attgenerated = ''
+                                AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2))
                               ORDER BY a.attnum) AS cols,
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                                AND a.attgenerated <> ''
+                                AND NOT (a.attgenerated = '' OR (a.attgenerated = 's' AND $2))
                               ORDER BY a.attnum) AS generated,
                         array(SELECT a.atttypid FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                                AND a.attgenerated = ''
+                                AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2))
                               ORDER BY a.attnum) AS types,
                         array(SELECT a.attname::text FROM pg_attribute a
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -301,7 +342,7 @@ impl PgClient {
                               ORDER BY a.attnum) AS nullable
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY($1)",
-                &[&tables],
+                &[&tables, &gencols],
             )
             .await
             .map_err(db_error)?;
@@ -517,6 +558,36 @@ impl PgClient {
 
     /// Whether the server has failover slots (PostgreSQL 17+); an error
     /// saying so if not.
+    pub async fn check_generated_columns(&self) -> Result<(), CatalogError> {
+        let version = self.server_version_num().await?;
+        if version < 180_000 {
+            return Err(CatalogError::NotReady(format!(
+                "postgres.generated_columns needs PostgreSQL 18 or later (publish_generated_columns), and this server is {}; set it to false, or upgrade",
+                version / 10_000
+            )));
+        }
+        Ok(())
+    }
+
+    /// The server's `idle_replication_slot_timeout` in seconds
+    /// (PostgreSQL 18+), `None` where it is 0 or unknown: a slot no
+    /// connection uses for longer is invalidated at the next checkpoint.
+    pub async fn idle_slot_timeout(&self) -> Result<Option<u64>, CatalogError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT setting FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&s| s > 0))
+    }
+
+    /// Refuses `postgres.failover` on a server without failover slots.
     pub async fn check_failover(&self) -> Result<(), CatalogError> {
         let version = self.server_version_num().await?;
         if version < 170_000 {
@@ -544,13 +615,19 @@ impl PgClient {
         &self,
         publication: &str,
         tables: &[String],
+        gencols: bool,
     ) -> Result<String, CatalogError> {
         let quoted: Vec<String> = tables.iter().map(|t| quote_qualified(t)).collect();
+        let gencols_option = if gencols {
+            ", publish_generated_columns = stored"
+        } else {
+            ""
+        };
         match self.publication_tables(publication).await? {
             None => {
                 self.client
                     .batch_execute(&format!(
-                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true{gencols_option})",
                         quote_ident(publication),
                         quoted.join(", ")
                     ))
@@ -562,7 +639,27 @@ impl PgClient {
                 ))
             }
             Some(have) => {
+                // From 18 on the publication publishes stored generated
+                // columns as postgres.generated_columns says.
+                let publishes = self.publishes_generated_columns(publication).await?;
+                let mut done = Vec::new();
+                if publishes != gencols && self.server_version_num().await? >= 180_000 {
+                    let value = if gencols { "stored" } else { "none" };
+                    self.client
+                        .batch_execute(&format!(
+                            "ALTER PUBLICATION {} SET (publish_generated_columns = {value})",
+                            quote_ident(publication)
+                        ))
+                        .await
+                        .map_err(db_error)?;
+                    done.push(format!(
+                        "publication {publication} publishes generated columns: {value}"
+                    ));
+                }
                 let missing: Vec<&String> = tables.iter().filter(|t| !have.contains(t)).collect();
+                if missing.is_empty() && !done.is_empty() {
+                    return Ok(done.join("; "));
+                }
                 if missing.is_empty() {
                     return Ok(format!(
                         "publication {publication} already covers every mapped table"
@@ -577,14 +674,15 @@ impl PgClient {
                     ))
                     .await
                     .map_err(db_error)?;
-                Ok(format!(
+                done.push(format!(
                     "added {} to publication {publication}",
                     missing
                         .iter()
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
-                ))
+                ));
+                Ok(done.join("; "))
             }
         }
     }

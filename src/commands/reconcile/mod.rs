@@ -189,7 +189,7 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
         fastrand::u32(..)
     );
     let stamp: Lsn = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
-    let catalog = pg.catalog(&tables).await?;
+    let catalog = pg.catalog(&tables, &prepared.publication).await?;
     let mapper = Mapper::new(Arc::clone(&mapping));
     let cx = Ctx {
         sink,
@@ -202,11 +202,11 @@ pub async fn reconcile(cfg: &Config, opts: &ReconcileOptions) -> anyhow::Result<
     let mut described = Vec::new();
     let mut total = 0u64;
     for name in &tables {
-        let pk = catalog
+        let (pk, leave_out) = catalog
             .get(name)
-            .map(|t| t.primary_key.clone())
+            .map(|t| (t.primary_key.clone(), t.generated.clone()))
             .unwrap_or_default();
-        let t = describe_table(c, name, &pk).await?;
+        let t = describe_table(c, name, &pk, &leave_out).await?;
         let count: i64 = c
             .query_one(
                 &format!("SELECT count(*) FROM {}", quote_qualified(name)),
