@@ -70,6 +70,12 @@ pub struct PostgresConfig {
     /// what neither gives comes from the `PG*` variables.
     #[serde(default)]
     pub url: Option<String>,
+    /// The primary, when `url` is a hot standby walgraph streams from
+    /// (PostgreSQL 16+): `setup` and `teardown` change the publication
+    /// there, and slots made on the standby ask it for the snapshot they
+    /// wait for. `WALGRAPH_PG_PRIMARY_URL` overrides it.
+    #[serde(default)]
+    pub primary_url: Option<String>,
     /// The logical replication slot walgraph reads (and owns).
     #[serde(default = "default_name")]
     pub slot: String,
@@ -131,6 +137,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             url: None,
+            primary_url: None,
             slot: default_name(),
             publication: default_name(),
             proto_version: None,
@@ -318,6 +325,9 @@ impl Config {
         };
         if let Some(url) = env("WALGRAPH_PG_URL") {
             cfg.postgres.url = Some(url);
+        }
+        if let Some(url) = env("WALGRAPH_PG_PRIMARY_URL") {
+            cfg.postgres.primary_url = Some(url);
         }
         if let Some(uri) = env("WALGRAPH_NEO4J_URI") {
             cfg.neo4j.uri = uri;

@@ -311,3 +311,183 @@ async fn a_slot_the_server_invalidated_for_standing_idle_is_explained_never_stre
     assert_eq!(qty[0]["q"], serde_json::json!(0), "nothing streamed");
     fx.cleanup().await;
 }
+
+/// Takes the standby down however the test ends.
+struct StandbyGuard;
+
+impl Drop for StandbyGuard {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services");
+        let _ = Command::new(script)
+            .args(["standby-postgres", "down"])
+            .output();
+    }
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str, slot: &str) -> i64 {
+    c.query_one(sql, &[&slot]).await.expect(sql).get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walgraph_streams_from_a_hot_standby_and_writes_only_to_the_primary() {
+    Box::pin(from_a_standby()).await;
+}
+
+async fn from_a_standby() {
+    // Exclusive: the standby copies the whole cluster.
+    let _exclusive = SERVICES.write().await;
+    let fx = Fixture::new(DDL, MAPPING).await;
+    let version = fx.server_version().await;
+    let port = standby("up");
+    let _down = StandbyGuard;
+    let standby_url = fx.env.pg_url.replace(
+        &format!(":{}/", url_port(&fx.env.pg_url)),
+        &format!(":{port}/"),
+    );
+    let standby_env = crate::support::Env {
+        pg_url: standby_url.clone(),
+        ..crate::support::env()
+    };
+    let on_standby = pg(&standby_env).await;
+    let table = format!("{}.items", fx.schema);
+    eventually(
+        Duration::from_secs(60),
+        "the standby to replay the test's table",
+        || async {
+            on_standby
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .ok()
+                .map(|r| r.get::<_, bool>(0))
+                .filter(|b| *b)
+        },
+    )
+    .await;
+    let mut cfg = fx.config.clone();
+    cfg.postgres.url = Some(standby_url.clone());
+    let slot = cfg.postgres.slot.clone();
+    let slots = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1";
+    let setup = |cfg: Config| async move {
+        walgraph::commands::setup::setup(&cfg)
+            .await
+            .map_err(|e| walgraph::error_sentence(&e))
+    };
+    if version < 160_000 {
+        cfg.postgres.primary_url = Some(fx.env.pg_url.clone());
+        let refused = setup(cfg.clone())
+            .await
+            .expect_err("a standby before 16 is refused");
+        assert!(refused.contains("PostgreSQL 16"), "{refused}");
+        assert_eq!(count(&on_standby, slots, &slot).await, 0);
+        drop(_down);
+        fx.cleanup().await;
+        return;
+    }
+    // Without a primary to write to: refused, nothing made.
+    let refused = setup(cfg.clone())
+        .await
+        .expect_err("a standby without postgres.primary_url is refused");
+    assert!(refused.contains("postgres.primary_url"), "{refused}");
+    assert_eq!(count(&on_standby, slots, &slot).await, 0);
+
+    // The publication on the primary, the slot on the standby.
+    cfg.postgres.primary_url = Some(fx.env.pg_url.clone());
+    let lines = setup(cfg.clone())
+        .await
+        .unwrap_or_else(|e| panic!("setup: {e}"));
+    assert!(
+        lines.iter().any(|l| l.contains("created publication")),
+        "{lines:?}"
+    );
+    assert_eq!(
+        count(&on_standby, slots, &slot).await,
+        1,
+        "slot on the standby"
+    );
+    assert_eq!(
+        count(&fx.pg, slots, &slot).await,
+        0,
+        "no slot on the primary"
+    );
+    walgraph::commands::snapshot::snapshot(
+        &cfg,
+        &walgraph::commands::snapshot::SnapshotOptions {
+            chunk_rows: 100,
+            restart: false,
+            progress_bar: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("snapshot on the standby: {}", walgraph::error_sentence(&e)));
+
+    // Streams from the standby while the primary takes writes, across a
+    // kill of walgraph in the middle.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let w = writer(
+        fx.env.pg_url.clone(),
+        fx.schema.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&done),
+    );
+    let start = |cfg: &Config| {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let run_cfg = cfg.clone();
+        (
+            tx,
+            tokio::spawn(async move { walgraph::pipeline::run(&run_cfg, rx).await }),
+        )
+    };
+    let (_tx, handle) = start(&cfg);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    handle.abort();
+    let _ = handle.await;
+    let (tx, handle) = start(&cfg);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+    assert!(done.load(Ordering::Relaxed) > 0, "the primary took writes");
+    let st = walgraph::commands::status::collect(&cfg, 0)
+        .await
+        .unwrap_or_else(|e| panic!("status: {}", walgraph::error_sentence(&e)));
+    assert!(st.standby, "status says it reads a standby");
+    assert!(st.slot_active, "run streams from the standby's slot");
+    // The standby replays every write of the primary, and the graph
+    // equals the standby.
+    let state = format!("SELECT count(*) * 1000003 + coalesce(sum(qty), 0) FROM {table}");
+    let on_primary: i64 = fx
+        .pg
+        .query_one(&state, &[])
+        .await
+        .expect("primary rows")
+        .get(0);
+    eventually(
+        Duration::from_secs(60),
+        "the standby to replay every write",
+        || async {
+            let replayed: i64 = on_standby.query_one(&state, &[]).await.ok()?.get(0);
+            (replayed == on_primary).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(90),
+        "the graph to equal the standby",
+        || async { differs(&cfg).await.is_none().then_some(()) },
+    )
+    .await;
+    let _ = tx.send(true);
+    let ended = handle.await.expect("run task");
+    assert!(ended.is_ok(), "{ended:?}");
+
+    // Teardown drops the slot on the standby and the publication on the
+    // primary.
+    walgraph::commands::teardown::command(&cfg, true, false)
+        .await
+        .unwrap_or_else(|e| panic!("teardown: {}", walgraph::error_sentence(&e)));
+    assert_eq!(count(&on_standby, slots, &slot).await, 0);
+    let pubs = "SELECT count(*) FROM pg_publication WHERE pubname = $1";
+    assert_eq!(count(&fx.pg, pubs, &cfg.postgres.publication).await, 0);
+    drop(_down);
+    fx.cleanup().await;
+}

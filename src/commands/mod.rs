@@ -27,5 +27,5 @@ pub mod teardown;
 
 /// The Postgres connection settings of `cfg`.
 pub fn conninfo(cfg: &Config) -> anyhow::Result<ConnInfo> {
-    Ok(ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?)
+    Ok(ConnInfo::of(&cfg.postgres)?)
 }

@@ -142,8 +142,7 @@ impl Reloads {
 
 /// Whether `cfg`'s mapping compiles against the catalog now.
 async fn compiles(cfg: &Config) -> Result<(), String> {
-    let info = crate::source::ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
-        .map_err(|e| e.to_string())?;
+    let info = crate::source::ConnInfo::of(&cfg.postgres).map_err(|e| e.to_string())?;
     let pg = crate::source::catalog::PgClient::connect(&info)
         .await
         .map_err(|e| crate::error_sentence(&anyhow::Error::new(e)))?;

@@ -15,6 +15,7 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let info = conninfo(cfg)?;
     let pg = PgClient::connect(&info).await?;
     pg.check_wal_level().await?;
+    let standby = crate::source::standby::check(&pg, &info).await?;
     // Check everything before changing anything.
     if cfg.postgres.generated_columns {
         pg.check_generated_columns().await?;
@@ -24,19 +25,38 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
         crate::pipeline::compile_mapping_as(&pg, cfg, cfg.postgres.generated_columns).await?;
     if cfg.postgres.failover {
         pg.check_failover().await?;
+        if standby {
+            anyhow::bail!("postgres.failover makes a failover slot, which only a primary can have; walgraph streams from a standby here (postgres.url): set postgres.failover = false");
+        }
     }
     let sink = Sink::connect(&cfg.neo4j, &cfg.postgres.slot).await?;
+    // The publication is made where writes go (the primary when reading
+    // from a standby), the slot where walgraph streams from.
+    let primary = if standby {
+        Some(PgClient::connect(info.writer()).await?)
+    } else {
+        None
+    };
     let mut lines = vec![
-        pg.ensure_publication(
-            &cfg.postgres.publication,
-            &mapping.table_names(),
-            cfg.postgres.generated_columns,
-        )
-        .await?,
+        primary
+            .as_ref()
+            .unwrap_or(&pg)
+            .ensure_publication(
+                &cfg.postgres.publication,
+                &mapping.table_names(),
+                cfg.postgres.generated_columns,
+            )
+            .await?,
     ];
-    let (line, created_at, make_failover) = pg
-        .ensure_slot(&cfg.postgres.slot, cfg.postgres.failover)
-        .await?;
+    if let Some(primary) = &primary {
+        crate::source::standby::wait_replayed(&pg, primary, std::time::Duration::from_secs(60))
+            .await?;
+    }
+    let (line, created_at, make_failover) = crate::source::standby::nudged(
+        &info,
+        pg.ensure_slot(&cfg.postgres.slot, cfg.postgres.failover),
+    )
+    .await?;
     lines.push(line);
     if make_failover {
         // Only a replication connection can change a slot, and only while

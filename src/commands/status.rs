@@ -67,8 +67,10 @@ pub struct Status {
     /// The server's `idle_replication_slot_timeout` in seconds (18+), if
     /// set: a slot unused for longer is invalidated.
     pub idle_slot_timeout_seconds: Option<u64>,
-    /// The server's current WAL position.
+    /// The server's current WAL position (on a standby: replayed up to).
     pub server_wal_lsn: Lsn,
+    /// Whether walgraph reads from a standby (`postgres.url` in recovery).
+    pub standby: bool,
     /// Bytes of WAL not yet confirmed.
     pub lag_bytes: Option<u64>,
     /// Lag in time: 0 when caught up, otherwise the age of the commit of
@@ -129,21 +131,26 @@ async fn process(addr: &str) -> Option<Process> {
 
 /// Collects the status.
 pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
-    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))?;
+    let info = ConnInfo::of(&cfg.postgres)?;
     let pg = PgClient::connect(&info).await?;
     let slot = pg.slot(&cfg.postgres.slot).await?;
     let row = pg
         .client()
         .query_one(
-            "SELECT pg_current_wal_lsn()::text,
-                    (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),
-                    (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1)",
+            &format!(
+                "SELECT ({})::text,
+                        (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),
+                        (SELECT safe_wal_size FROM pg_replication_slots WHERE slot_name = $1),
+                        pg_is_in_recovery()",
+                crate::source::standby::WAL_POSITION
+            ),
             &[&cfg.postgres.slot],
         )
         .await?;
     let server_wal_lsn: Lsn = row.try_get::<_, String>(0)?.parse()?;
     let wal_status: Option<String> = row.try_get(1)?;
     let safe_wal_size: Option<i64> = row.try_get(2)?;
+    let standby: bool = row.try_get(3)?;
     let mapping = crate::pipeline::compile_mapping(&pg, cfg).await?;
     let process = match cfg.http.listen {
         Some(addr) => process(&addr.to_string()).await,
@@ -193,6 +200,7 @@ pub async fn collect(cfg: &Config, sample: usize) -> anyhow::Result<Status> {
         invalidation_reason: slot.as_ref().and_then(|s| s.invalidation_reason.clone()),
         idle_slot_timeout_seconds: pg.idle_slot_timeout().await?,
         server_wal_lsn,
+        standby,
         lag_bytes,
         lag_seconds,
         retained_wal_bytes: slot
@@ -365,7 +373,15 @@ pub fn render(s: &Status) -> String {
         (true, false) => "inactive (no walgraph attached)",
     };
     out.push_str(&format!("slot {:<24} {slot_state}\n", s.slot));
-    out.push_str(&format!("  server WAL             {}\n", s.server_wal_lsn));
+    out.push_str(&format!(
+        "  server WAL             {}{}\n",
+        s.server_wal_lsn,
+        if s.standby {
+            " (a standby: replayed up to)"
+        } else {
+            ""
+        }
+    ));
     out.push_str(&format!(
         "  confirmed flush        {}\n",
         opt(&s.confirmed_flush_lsn)

@@ -28,7 +28,14 @@ pub async fn command(cfg: &Config, yes: bool, drop_checkpoint: bool) -> anyhow::
             return Ok(());
         }
     }
-    let pg = PgClient::connect(&conninfo(cfg)?).await?;
+    let info = conninfo(cfg)?;
+    let pg = PgClient::connect(&info).await?;
+    // The publication lives where writes go (the primary, when walgraph
+    // streams from a standby).
+    let writer = match &info.primary {
+        Some(p) => Some(PgClient::connect(p).await?),
+        None => None,
+    };
     if let Some(s) = pg.slot(slot).await? {
         if s.active {
             anyhow::bail!("replication slot {slot} is in use by a running walgraph (or another consumer); stop it first");
@@ -44,7 +51,12 @@ pub async fn command(cfg: &Config, yes: bool, drop_checkpoint: bool) -> anyhow::
     );
     println!(
         "{}",
-        if pg.drop_publication(publication).await? {
+        if writer
+            .as_ref()
+            .unwrap_or(&pg)
+            .drop_publication(publication)
+            .await?
+        {
             format!("dropped publication {publication}")
         } else {
             format!("publication {publication} did not exist")

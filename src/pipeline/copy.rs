@@ -220,11 +220,14 @@ pub async fn begin_exported_snapshot(
     temp_slot: &str,
 ) -> anyhow::Result<Lsn> {
     let mut repl = ReplicationStream::connect(info).await?;
-    let created = repl
-        .command(&format!(
+    // On a standby the slot waits for the primary's next standby snapshot.
+    let created = crate::source::standby::nudged(
+        info,
+        repl.command(&format!(
             "CREATE_REPLICATION_SLOT {temp_slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
-        ))
-        .await?;
+        )),
+    )
+    .await?;
     let row = created
         .first()
         .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned nothing"))?;

@@ -254,7 +254,10 @@ impl ColumnWatch {
         let catalog = pg.catalog(&tables, &self.publication).await?;
         let row = pg
             .client()
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one(
+                &format!("SELECT ({})::text", crate::source::standby::WAL_POSITION),
+                &[],
+            )
             .await
             .map_err(|e| RunError::NotReady(format!("cannot read the WAL position: {e}")))?;
         let at: crate::lsn::Lsn = row

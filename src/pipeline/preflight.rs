@@ -110,10 +110,10 @@ async fn prepare_checks(
     null_sink: bool,
     slot_must_be_free: bool,
 ) -> Result<Prepared, RunError> {
-    let info = ConnInfo::parse(cfg.postgres.url.as_deref().unwrap_or(""))
-        .map_err(|e| RunError::NotReady(e.to_string()))?;
+    let info = ConnInfo::of(&cfg.postgres).map_err(|e| RunError::NotReady(e.to_string()))?;
     let pg = PgClient::connect(&info).await?;
     pg.check_wal_level().await?;
+    crate::source::standby::check(&pg, &info).await?;
     let mapping = Arc::new(compile_mapping(&pg, cfg).await?);
     let publication = &cfg.postgres.publication;
     match pg.publication_tables(publication).await? {

@@ -109,7 +109,7 @@ impl CatalogError {
     }
 }
 
-fn db_error(e: tokio_postgres::Error) -> CatalogError {
+pub(crate) fn db_error(e: tokio_postgres::Error) -> CatalogError {
     match e.as_db_error() {
         Some(d) => CatalogError::Query {
             message: match d.hint() {

@@ -31,6 +31,9 @@ pub struct ConnInfo {
     pub ssl_mode: SslMode,
     /// `sslrootcert` (or `PGSSLROOTCERT`): the PEM file of trusted roots.
     pub ssl_root_cert: Option<PathBuf>,
+    /// The primary, when this target is a hot standby walgraph streams
+    /// from (`postgres.primary_url`): what writes goes there.
+    pub primary: Option<Box<ConnInfo>>,
 }
 
 /// Removes `sslmode` and `sslrootcert` from a connection string (which
@@ -216,7 +219,25 @@ impl ConnInfo {
             application_name,
             ssl_mode,
             ssl_root_cert,
+            primary: None,
         })
+    }
+
+    /// The target of `[postgres]`: `url`, with `primary_url` as its
+    /// primary when set.
+    pub fn of(pg: &crate::config::PostgresConfig) -> Result<Self, ConnInfoError> {
+        let mut info = Self::parse(pg.url.as_deref().unwrap_or(""))?;
+        if let Some(p) = &pg.primary_url {
+            let primary = Self::parse(p)
+                .map_err(|e| ConnInfoError(format!("postgres.primary_url: {}", e.0)))?;
+            info.primary = Some(Box::new(primary));
+        }
+        Ok(info)
+    }
+
+    /// Where writes go: the primary when one is set, else this target.
+    pub fn writer(&self) -> &ConnInfo {
+        self.primary.as_deref().unwrap_or(self)
     }
 
     /// True when `host` names a Unix socket directory.

@@ -18,6 +18,7 @@
 pub mod catalog;
 pub mod conninfo;
 pub mod sql;
+pub mod standby;
 pub mod tls;
 pub mod wire;
 
