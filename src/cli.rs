@@ -29,11 +29,15 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the publication, the replication slot and the Neo4j uniqueness
-    /// constraints. Safe to run again: says what it created and what it found.
+    /// Create the publication, the slot and the Neo4j constraints.
+    ///
+    /// Creates the publication, the replication slot and the Neo4j
+    /// uniqueness constraints. Safe to run again: says what it created and
+    /// what it found.
     Setup,
-    /// Load the rows the tables held before streaming began, read under a
-    /// snapshot exported by a replication slot so the stream continues
+    /// Load the rows the tables held before streaming began.
+    ///
+    /// Reads them under a snapshot exported by a replication slot, so the stream continues
     /// exactly where the copy ends. Copies in key order and chunks; when
     /// interrupted, running it again resumes after the last chunk written.
     /// Run it after `setup` and before `run`.
@@ -45,8 +49,10 @@ pub enum Command {
         #[arg(long)]
         restart: bool,
     },
-    /// Apply the transactions between two positions again, from WAL the
-    /// slot still holds (see postgres.replay_window_mib). Idempotent: a node
+    /// Apply the transactions between two positions again.
+    ///
+    /// Reads them from WAL the slot still holds (see
+    /// postgres.replay_window_mib). Idempotent: a node
     /// or relationship already changed by a later transaction keeps that
     /// state. Leaves the slot and the checkpoint where they are. Stop
     /// `walgraph run` first.
@@ -59,8 +65,9 @@ pub enum Command {
         #[arg(long, value_parser = parse_lsn)]
         to: Option<crate::lsn::Lsn>,
     },
-    /// Compare the rows of the mapped tables with the graph: node tables with
-    /// their nodes and foreign-key relationships, join tables with their
+    /// Compare the mapped tables with the graph, and repair it on request.
+    ///
+    /// Compares node tables with their nodes and foreign-key relationships, join tables with their
     /// edges (missing, extra, changed), in key order and chunks, with a
     /// progress bar on a terminal; with --repair, fix the graph from
     /// Postgres. Exits 1 when something differs and --repair was not given.
@@ -81,7 +88,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream changes into Neo4j until stopped (SIGINT or SIGTERM).
+    /// Stream changes into Neo4j until stopped.
+    ///
+    /// Runs until SIGINT or SIGTERM; SIGHUP reloads the configuration.
     Run {
         /// Benchmarks only: decode, map and batch, then drop the batches
         /// instead of writing them, and confirm them to Postgres. This
@@ -89,8 +98,10 @@ pub enum Command {
         #[arg(long)]
         null_sink: bool,
     },
-    /// Print the decoded transactions as JSON lines, writing nowhere and (by
-    /// default) confirming nothing, so the slot stays where it was.
+    /// Print the decoded transactions as JSON lines.
+    ///
+    /// Writes nowhere and (by default) confirms nothing, so the slot stays
+    /// where it was.
     Peek {
         /// Read from a temporary slot created now (sees only new changes)
         /// instead of the configured slot.
@@ -121,7 +132,9 @@ pub enum Command {
         #[arg(long)]
         rollbacks: bool,
     },
-    /// Show the slot's position and lag, the checkpoint in Neo4j, and how
+    /// Show the slot, the lag, the checkpoint and the graph's counts.
+    ///
+    /// Shows the slot's position and lag, the checkpoint in Neo4j, and how
     /// many nodes and relationships each mapped label and type has.
     Status {
         /// Print JSON for scripts instead of a table.
@@ -131,8 +144,9 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         sample: usize,
     },
-    /// Measure throughput, latency, CPU and memory on a generated workload,
-    /// against pg_recvlogical, one Neo4j transaction per change and
+    /// Measure throughput, latency, CPU and memory.
+    ///
+    /// Runs a generated workload against pg_recvlogical, one Neo4j transaction per change and
     /// pre-built batches, in its own schema, slots and labels (removed at
     /// the end). Uses the configured connections; ignores the mapping.
     Bench(commands::bench::BenchOptions),
@@ -142,8 +156,9 @@ pub enum Command {
         #[command(subcommand)]
         command: MappingCommand,
     },
-    /// Drop the replication slot and the publication (a forgotten slot makes
-    /// Postgres keep WAL forever and fills its disk).
+    /// Drop the replication slot and the publication.
+    ///
+    /// A forgotten slot makes Postgres keep WAL forever and fills its disk.
     Teardown {
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -153,13 +168,25 @@ pub enum Command {
         #[arg(long)]
         drop_checkpoint: bool,
     },
+    /// Print a shell completion script.
+    ///
+    /// For example `walgraph completions bash > /etc/bash_completion.d/walgraph`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from these definitions.
+    ///
+    /// For example `walgraph man > walgraph.1 && man -l walgraph.1`.
+    Man,
 }
 
 /// `walgraph mapping …`.
 #[derive(Debug, Subcommand)]
 pub enum MappingCommand {
-    /// Print a mapping inferred from the catalog: every table with a primary
-    /// key a label, every foreign key a relationship, every table whose
+    /// Print a mapping inferred from the catalog.
+    ///
+    /// Every table with a primary key becomes a label, every foreign key a relationship, every table whose
     /// primary key is two foreign keys a relationship whose rows are edges.
     Infer {
         /// The schema to read.
@@ -170,6 +197,24 @@ pub enum MappingCommand {
 
 /// Runs a parsed command line.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    // These need no configuration.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "walgraph",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Setup => commands::setup::command(&cfg).await,
@@ -236,6 +281,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             yes,
             drop_checkpoint,
         } => commands::teardown::command(&cfg, yes, drop_checkpoint).await,
+        // Answered above, before the configuration is read.
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 

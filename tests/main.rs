@@ -10,6 +10,7 @@ mod support;
 mod backfill;
 mod bench;
 mod chaos;
+mod cli;
 mod connect;
 mod decoding;
 mod end_to_end;
