@@ -21,9 +21,29 @@ pub struct Cli {
     #[arg(long, short, env = "WALGRAPH_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 
+    /// How log lines look on stderr: `text` (colour only at a terminal) or
+    /// `json` (one object per line, for log shippers).
+    #[arg(
+        long,
+        env = "WALGRAPH_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The commands.

@@ -9,15 +9,16 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = walgraph::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("WALGRAPH_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,neo4rs=warn")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = EnvFilter::try_from_env("WALGRAPH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,neo4rs=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        walgraph::cli::LogFormat::Json => logs.json().with_current_span(true).init(),
         // Colour only for a person at a terminal, never in a file or pipe.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        walgraph::cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

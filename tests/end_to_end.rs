@@ -649,6 +649,14 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
         log.contains("a streamed transaction rolled back"),
         "the rollback is logged: {log}"
     );
+    // Plain text into a pipe, and each line of the pipeline names the slot.
+    assert!(!log.contains('\x1b'), "no terminal colour codes: {log:?}");
+    let slot = format!("slot={}", fx.config.postgres.slot);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" stopped ") && l.contains(&slot) && l.contains("flushed=")),
+        "the last line of the stream carries the slot and the LSN: {log}"
+    );
     let gone = fx
         .cypher(&format!(
             "MATCH (u:{}) WHERE u.id >= 10 RETURN count(u) AS n",
@@ -744,5 +752,64 @@ to = { label = "{p}Site", columns = ["region", "site"] }
     })
     .await;
     run.stop().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_line_is_an_object_naming_the_slot() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let config = fx.config_file("json.toml", "", USERS_MAPPING);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .args([
+            "--config",
+            &config.to_string_lossy(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .envs(fx.env.vars())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start walgraph run");
+    fx.sql("INSERT INTO {s}.users VALUES (1, 'ann', NULL)")
+        .await;
+    eventually(Duration::from_secs(30), "the node", || async {
+        (graph_users(&fx).await.len() == 1).then_some(())
+    })
+    .await;
+    let pid = child.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stops on SIGTERM")
+        .expect("wait");
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let applied = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no stopped line: {log}"));
+    assert_eq!(
+        applied["span"]["slot"],
+        json!(fx.config.postgres.slot),
+        "{applied}"
+    );
+    assert!(applied["fields"]["flushed"].is_string(), "{applied}");
+    assert!(
+        applied["level"] == "INFO" && applied["timestamp"].is_string(),
+        "{applied}"
+    );
     fx.cleanup().await;
 }

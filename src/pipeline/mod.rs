@@ -133,6 +133,20 @@ pub async fn run_with_metrics(
 /// the decode path's speed limit, for benchmarks. It consumes the slot.
 pub async fn run_with(
     cfg: &Config,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    null_sink: bool,
+) -> Result<(), RunError> {
+    use tracing::Instrument;
+    // Every line the pipeline logs names the slot.
+    let span = tracing::info_span!("run", slot = %cfg.postgres.slot);
+    run_in_span(cfg, shutdown, metrics, null_sink)
+        .instrument(span)
+        .await
+}
+
+async fn run_in_span(
+    cfg: &Config,
     mut shutdown: Shutdown,
     metrics: Arc<Metrics>,
     null_sink: bool,

@@ -116,7 +116,7 @@ pub(super) async fn stream_once(
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (event_tx, mut event_rx) = mpsc::channel::<SinkEvent>(4);
-    let sink_handle = tokio::spawn(sink_task(
+    let sink_handle = tokio::spawn(tracing::Instrument::in_current_span(sink_task(
         p.sink.clone(),
         Arc::clone(&p.mapping),
         Arc::clone(metrics),
@@ -124,7 +124,7 @@ pub(super) async fn stream_once(
         cfg.neo4j.stuck_after,
         batch_rx,
         event_tx,
-    ));
+    )));
     let _abort_sink = AbortOnDrop(sink_handle);
     // The checkpoint last written, which a backfill chunk writes again.
     let mut stored = checkpoint;

@@ -58,10 +58,10 @@ pub(super) async fn sink_task(
             tracing::error!(%end_lsn, failing_for = ?failing, "a batch has failed for longer than neo4j.stuck_after; /ready answers 503 until it is written, and walgraph goes on retrying");
         }
     };
-    let written = || {
+    let written = |end_lsn: crate::lsn::Lsn| {
         metrics.batch_failing_since_ms.store(0, Ordering::Relaxed);
         if metrics.batch_stuck.swap(false, Ordering::Relaxed) {
-            tracing::info!("the stuck batch is written; walgraph is ready again");
+            tracing::info!(%end_lsn, "the stuck batch is written; walgraph is ready again");
         }
     };
     while let Some(mut batch) = batches.recv().await {
@@ -78,7 +78,7 @@ pub(super) async fn sink_task(
         loop {
             match sink.apply(&batch, &dead).await {
                 Ok(()) => {
-                    written();
+                    written(batch.end_lsn);
                     let mut done = batch;
                     done.statements.clear();
                     done.plan.clear();
