@@ -55,7 +55,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: S
                     "not streaming\n".to_string(),
                     "text/plain",
                 ),
-                ("GET", "/metrics") => ("200 OK", metrics.render(), "text/plain; version=0.0.4"),
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    metrics.render(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
                 ("GET", _) => ("404 Not Found", "not found\n".to_string(), "text/plain"),
                 _ => (
                     "405 Method Not Allowed",

@@ -1,12 +1,20 @@
-//! What the pipeline reports while it runs: counters, positions and the
-//! commit-to-graph latency, in the Prometheus text format. The stages write
-//! here; [`crate::http`] only serves it.
+//! What the pipeline reports while it runs: counters, positions, the slot
+//! and latency histograms, encoded by `prometheus-client` in the
+//! OpenMetrics text format. The stages write here; [`crate::http`] only
+//! serves it.
 //!
 //! Invariant: every counter only grows; positions are stored as they are
 //! confirmed, never ahead of what Neo4j committed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
 use crate::lsn::Lsn;
 
@@ -41,6 +49,71 @@ pub struct Metrics {
     pub backfill_tables_left: AtomicU64,
     /// Streamed transactions that rolled back (received in part, discarded).
     pub streamed_rollbacks: AtomicU64,
+    /// Changes recorded as dead letters (`neo4j.on_error = "skip"`).
+    pub dead_letters: AtomicU64,
+    /// Commit time (protocol microseconds) of the last transaction
+    /// committed to Neo4j, 0 before the first.
+    pub last_commit_time: AtomicU64,
+    /// The slot as last read from `pg_replication_slots`.
+    pub slot: Mutex<Option<SlotSample>>,
+    /// The histograms and per-table counters.
+    pub histograms: Histograms,
+}
+
+/// The slot as `run` last read it (every 10 s).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotSample {
+    /// A walsender streams from it.
+    pub active: bool,
+    /// Bytes of WAL it makes the server keep (`restart_lsn` to now).
+    pub retained_wal_bytes: u64,
+    /// `wal_status`: `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// `safe_wal_size` in bytes, when `max_slot_wal_keep_size` is set.
+    pub safe_wal_size: Option<i64>,
+}
+
+/// Labels of the per-table change counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TableOp {
+    /// The schema-qualified table.
+    pub table: String,
+    /// `insert`, `update`, `delete` or `truncate`.
+    pub op: String,
+}
+
+/// Labels of the `wal_status` gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct WalStatus {
+    status: String,
+}
+
+/// The distributions, as Prometheus histograms (aggregatable, `rate()`-able).
+#[derive(Debug)]
+pub struct Histograms {
+    /// Postgres commit to Neo4j commit, per change, in seconds.
+    pub commit_to_graph: Histogram,
+    /// How long writing one batch to Neo4j took (the successful attempt), in seconds.
+    pub batch_write: Histogram,
+    /// Row changes per batch.
+    pub batch_changes: Histogram,
+    /// Changes committed to Neo4j by table and operation.
+    pub changes_by_table: Family<TableOp, Counter>,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        let seconds = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        Histograms {
+            commit_to_graph: Histogram::new(seconds),
+            batch_write: Histogram::new(seconds),
+            batch_changes: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            changes_by_table: Family::default(),
+        }
+    }
 }
 
 /// A histogram of commit-to-graph latency: buckets 5 % wide from 100 µs to
@@ -135,6 +208,49 @@ impl Metrics {
                 l.record(u64::try_from(now - t).unwrap_or(0), n);
             }
         }
+        for &(t, n) in commits {
+            let secs = (now - t).max(0) as f64 / 1e6;
+            // Per change (a million-row transaction costs milliseconds).
+            for _ in 0..n {
+                self.histograms.commit_to_graph.observe(secs);
+            }
+            self.last_commit_time
+                .fetch_max(u64::try_from(t).unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// Records a committed batch: its size, how long the write took, and
+    /// its changes by table and operation.
+    pub fn record_batch(
+        &self,
+        changes: usize,
+        took: std::time::Duration,
+        by_table: &[(std::sync::Arc<str>, crate::transactions::Op, u64)],
+    ) {
+        self.histograms.batch_changes.observe(changes as f64);
+        self.histograms.batch_write.observe(took.as_secs_f64());
+        for (table, op, n) in by_table {
+            self.histograms
+                .changes_by_table
+                .get_or_create(&TableOp {
+                    table: table.to_string(),
+                    op: op.as_str().to_string(),
+                })
+                .inc_by(*n);
+        }
+    }
+
+    /// Seconds the graph is behind: 0 when the confirmed position is within
+    /// a page of the server's WAL end, else the age of the last commit
+    /// applied; `None` before the first.
+    pub fn lag_seconds(&self) -> Option<f64> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let lag = Lsn::new(get(&self.server_wal_lsn)).bytes_since(Lsn::new(get(&self.flushed_lsn)));
+        if lag <= 8192 && get(&self.flushed_lsn) > 0 {
+            return Some(0.0);
+        }
+        let t = get(&self.last_commit_time);
+        (t > 0).then(|| (crate::lsn::pg_now() - i64::try_from(t).unwrap_or(0)).max(0) as f64 / 1e6)
     }
 
     /// How long the batch being written has been failing, if it is.
@@ -154,93 +270,167 @@ impl Metrics {
         let flushed = get(&self.flushed_lsn);
         let server = get(&self.server_wal_lsn);
         let lag = Lsn::new(server).bytes_since(Lsn::new(flushed));
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        metric(
-            "walgraph_ready",
-            "gauge",
-            "1 while replication is streaming.",
-            u64::from(self.ready.load(Ordering::Relaxed)),
+        let mut r = Registry::with_prefix("walgraph");
+        r.register(
+            "build",
+            "walgraph's version.",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        metric(
-            "walgraph_changes_applied_total",
-            "counter",
+        let gauge = |r: &mut Registry, name: &str, help: &str, v: i64| {
+            r.register(name, help, ConstGauge::new(v));
+        };
+        let fgauge = |r: &mut Registry, name: &str, help: &str, v: f64| {
+            r.register(name, help, ConstGauge::new(v));
+        };
+        let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+            r.register(name, help, ConstCounter::new(v));
+        };
+        let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge(
+            &mut r,
+            "ready",
+            "1 while replication is streaming.",
+            i64::from(self.ready.load(Ordering::Relaxed)),
+        );
+        counter(
+            &mut r,
+            "changes_applied",
             "Row changes committed to Neo4j.",
             get(&self.changes),
         );
-        metric(
-            "walgraph_transactions_applied_total",
-            "counter",
+        counter(
+            &mut r,
+            "transactions_applied",
             "Source transactions committed to Neo4j.",
             get(&self.transactions),
         );
-        metric(
-            "walgraph_batches_committed_total",
-            "counter",
+        counter(
+            &mut r,
+            "batches_committed",
             "Neo4j transactions committed.",
             get(&self.batches),
         );
-        metric(
-            "walgraph_batch_retries_total",
-            "counter",
+        counter(
+            &mut r,
+            "batch_retries",
             "Batch writes retried after a transient failure.",
             get(&self.retries),
         );
-        metric(
-            "walgraph_flushed_lsn",
-            "gauge",
-            "WAL position confirmed to Postgres.",
-            flushed,
+        counter(
+            &mut r,
+            "dead_letters",
+            "Changes Neo4j rejected for good and recorded as dead letters.",
+            get(&self.dead_letters),
         );
-        metric(
-            "walgraph_server_wal_lsn",
-            "gauge",
-            "The server's WAL end, as last heard.",
-            server,
-        );
-        metric(
-            "walgraph_lag_bytes",
-            "gauge",
-            "Bytes of WAL between the server's end and the confirmed position.",
-            lag,
-        );
-        metric(
-            "walgraph_backfill_rows_total",
-            "counter",
-            "Rows of tables added to the mapping copied while streaming.",
-            get(&self.backfill_rows),
-        );
-        metric(
-            "walgraph_backfill_tables_left",
-            "gauge",
-            "Tables added to the mapping not yet copied.",
-            get(&self.backfill_tables_left),
-        );
-        metric(
-            "walgraph_streamed_rollbacks_total",
-            "counter",
+        counter(
+            &mut r,
+            "streamed_rollbacks",
             "Streamed transactions that rolled back after part of them had arrived.",
             get(&self.streamed_rollbacks),
         );
-        metric(
-            "walgraph_batch_stuck",
-            "gauge",
-            "1 while the batch being written has failed for longer than neo4j.stuck_after.",
-            u64::from(self.batch_stuck.load(Ordering::Relaxed)),
+        gauge(
+            &mut r,
+            "flushed_lsn",
+            "WAL position confirmed to Postgres.",
+            i(flushed),
         );
-        out.push_str(&format!(
-            "# HELP walgraph_batch_failing_seconds How long the batch being written has been failing; 0 while writes go through.\n\
-             # TYPE walgraph_batch_failing_seconds gauge\nwalgraph_batch_failing_seconds {}\n",
-            self.batch_failing_for().map_or(0.0, |d| d.as_secs_f64())
-        ));
+        gauge(
+            &mut r,
+            "server_wal_lsn",
+            "The server's WAL end, as last heard.",
+            i(server),
+        );
+        gauge(
+            &mut r,
+            "lag_bytes",
+            "Bytes of WAL between the server's end and the confirmed position.",
+            i(lag),
+        );
+        fgauge(&mut r, "lag_seconds", "Seconds the graph is behind the database: 0 when caught up, else the age of the last commit applied (NaN before the first).", self.lag_seconds().unwrap_or(f64::NAN));
+        counter(
+            &mut r,
+            "backfill_rows",
+            "Rows of tables added to the mapping copied while streaming.",
+            get(&self.backfill_rows),
+        );
+        gauge(
+            &mut r,
+            "backfill_tables_left",
+            "Tables added to the mapping not yet copied.",
+            i(get(&self.backfill_tables_left)),
+        );
+        gauge(
+            &mut r,
+            "batch_stuck",
+            "1 while the batch being written has failed for longer than neo4j.stuck_after.",
+            i64::from(self.batch_stuck.load(Ordering::Relaxed)),
+        );
+        fgauge(
+            &mut r,
+            "batch_failing_seconds",
+            "How long the batch being written has been failing; 0 while writes go through.",
+            self.batch_failing_for().map_or(0.0, |d| d.as_secs_f64()),
+        );
+        if let Some(slot) = self.slot.lock().ok().and_then(|s| s.clone()) {
+            gauge(
+                &mut r,
+                "slot_active",
+                "1 while a walsender streams from the slot.",
+                i64::from(slot.active),
+            );
+            gauge(
+                &mut r,
+                "slot_retained_wal_bytes",
+                "Bytes of WAL the slot makes the server keep.",
+                i(slot.retained_wal_bytes),
+            );
+            if let Some(v) = slot.safe_wal_size {
+                gauge(&mut r, "slot_safe_wal_size_bytes", "Bytes of WAL that may still be written before the slot is in danger of being lost (max_slot_wal_keep_size).", v);
+            }
+            let status: Family<WalStatus, prometheus_client::metrics::gauge::Gauge> =
+                Family::default();
+            for s in ["reserved", "extended", "unreserved", "lost"] {
+                status
+                    .get_or_create(&WalStatus {
+                        status: s.to_string(),
+                    })
+                    .set(i64::from(slot.wal_status.as_deref() == Some(s)));
+            }
+            r.register(
+                "slot_wal_status",
+                "1 for the slot's wal_status (reserved, extended, unreserved, lost).",
+                status,
+            );
+        }
+        let h = &self.histograms;
+        r.register(
+            "commit_to_graph_seconds",
+            "Time from the Postgres commit to the Neo4j commit, per change.",
+            h.commit_to_graph.clone(),
+        );
+        r.register(
+            "batch_write_seconds",
+            "Time to write one batch to Neo4j (the attempt that committed).",
+            h.batch_write.clone(),
+        );
+        r.register(
+            "batch_changes",
+            "Row changes per batch committed.",
+            h.batch_changes.clone(),
+        );
+        r.register(
+            "table_changes_applied",
+            "Row changes committed to Neo4j, by table and operation.",
+            h.changes_by_table.clone(),
+        );
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &r);
+        // The fine-grained quantiles since start, which `walgraph status`
+        // and `walgraph bench` read (each bench phase is its own process).
         let latency = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         out.push_str(
-            "# HELP walgraph_commit_to_graph_seconds Time from the Postgres commit to the Neo4j commit, per change, since start.\n\
-             # TYPE walgraph_commit_to_graph_seconds summary\n",
+            "# HELP walgraph_commit_to_graph_since_start_seconds Commit-to-graph latency quantiles since start (5 % buckets), for walgraph status and bench; alert on the histogram.\n\
+             # TYPE walgraph_commit_to_graph_since_start_seconds summary\n",
         );
         for q in ["0.5", "0.95", "0.99", "1"] {
             let v = if q == "1" {
@@ -249,14 +439,15 @@ impl Metrics {
                 latency.quantile(q.parse().unwrap_or(0.5))
             };
             out.push_str(&format!(
-                "walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}} {v}\n"
+                "walgraph_commit_to_graph_since_start_seconds{{quantile=\"{q}\"}} {v}\n"
             ));
         }
         out.push_str(&format!(
-            "walgraph_commit_to_graph_seconds_sum {}\nwalgraph_commit_to_graph_seconds_count {}\n",
+            "walgraph_commit_to_graph_since_start_seconds_sum {}\nwalgraph_commit_to_graph_since_start_seconds_count {}\n",
             latency.sum(),
             latency.count()
         ));
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 }
@@ -287,5 +478,51 @@ mod tests {
         assert_eq!(l.quantile(1.0), 5.0);
         assert_eq!(l.count(), 1010);
         assert!(Latency::default().quantile(0.99) == 0.0);
+    }
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_are_openmetrics_with_histograms_and_labels() {
+        let m = Metrics::default();
+        m.changes.store(3, Ordering::Relaxed);
+        m.record_commits(&[(crate::lsn::pg_now() - 20_000, 3)]);
+        m.record_batch(
+            3,
+            std::time::Duration::from_millis(7),
+            &[(
+                std::sync::Arc::from("public.users"),
+                crate::transactions::Op::Insert,
+                3,
+            )],
+        );
+        *m.slot.lock().unwrap() = Some(SlotSample {
+            active: true,
+            retained_wal_bytes: 4096,
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+        });
+        let text = m.render();
+        for line in [
+            "# TYPE walgraph_changes_applied counter",
+            "walgraph_changes_applied_total 3",
+            "# TYPE walgraph_commit_to_graph_seconds histogram",
+            "walgraph_commit_to_graph_seconds_bucket{le=\"0.025\"} 3",
+            "walgraph_commit_to_graph_seconds_count 3",
+            "walgraph_batch_write_seconds_count 1",
+            "walgraph_batch_changes_bucket{le=\"4.0\"} 1",
+            "walgraph_table_changes_applied_total{table=\"public.users\",op=\"insert\"} 3",
+            "walgraph_slot_wal_status{status=\"reserved\"} 1",
+            "walgraph_slot_wal_status{status=\"lost\"} 0",
+            "walgraph_slot_retained_wal_bytes 4096",
+            "walgraph_build_info{version=\"",
+            "walgraph_commit_to_graph_since_start_seconds_count 3",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -602,6 +602,27 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
         "{}",
         metrics.1
     );
+    let table = format!("{}.users", fx.schema);
+    assert!(
+        metrics.1.contains(&format!(
+            "walgraph_table_changes_applied_total{{table=\"{table}\",op=\"insert\"}} 2"
+        )) && metrics
+            .1
+            .contains("# TYPE walgraph_commit_to_graph_seconds histogram")
+            && metrics.1.contains("walgraph_batch_write_seconds_count")
+            && metrics.1.contains("walgraph_build_info{version=")
+            && metrics.1.ends_with("# EOF\n"),
+        "{}",
+        metrics.1
+    );
+    // The slot as run reads it, every few seconds.
+    eventually(Duration::from_secs(30), "the slot in /metrics", || async {
+        http_get(&addr, "/metrics").await.filter(|(_, body)| {
+            body.contains("walgraph_slot_active 1")
+                && body.contains("walgraph_slot_wal_status{status=\"reserved\"} 1")
+        })
+    })
+    .await;
     // A large transaction streamed while it runs, then rolled back, is
     // counted and logged, and nothing of it reaches the graph.
     fx.roll_back_streamed(

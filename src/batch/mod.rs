@@ -58,6 +58,8 @@ pub struct Batch {
     /// Commit time (microseconds since 2000-01-01 UTC) and change count of
     /// each transaction the batch completes, for latency metrics.
     pub commits: Vec<(i64, u64)>,
+    /// Row changes by table and operation, for the metrics.
+    pub by_table: Vec<(std::sync::Arc<str>, crate::transactions::Op, u64)>,
 }
 
 impl Batch {
@@ -79,6 +81,8 @@ pub struct Batcher {
     changes: usize,
     transactions: usize,
     commits: Vec<(i64, u64)>,
+    /// Changes by (table OID, operation), with the table's name.
+    by_table: std::collections::HashMap<(u32, crate::transactions::Op), (std::sync::Arc<str>, u64)>,
 }
 
 impl Batcher {
@@ -147,6 +151,20 @@ impl Batcher {
         self.end_lsn = self.end_lsn.max(end_lsn);
         self.partial = None;
         self.transactions += 1;
+    }
+
+    /// Counts one change of table `oid` (named by `name()`, asked only
+    /// the first time) for the metrics.
+    pub fn note_change(
+        &mut self,
+        oid: u32,
+        op: crate::transactions::Op,
+        name: impl FnOnce() -> String,
+    ) {
+        self.by_table
+            .entry((oid, op))
+            .or_insert_with(|| (std::sync::Arc::from(name()), 0))
+            .1 += 1;
     }
 
     /// Notes the commit time and change count of the transaction just
@@ -226,6 +244,10 @@ impl Batcher {
             changes: self.changes,
             transactions: self.transactions,
             commits: std::mem::take(&mut self.commits),
+            by_table: std::mem::take(&mut self.by_table)
+                .into_iter()
+                .map(|((_, op), (name, n))| (name, op, n))
+                .collect(),
         };
         self.changes = 0;
         self.transactions = 0;

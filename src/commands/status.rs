@@ -114,7 +114,7 @@ async fn process(addr: &str) -> Option<Process> {
     let q = |name: &str| {
         metric(
             &second,
-            &format!("walgraph_commit_to_graph_seconds{{quantile=\"{name}\"}}"),
+            &format!("walgraph_commit_to_graph_since_start_seconds{{quantile=\"{name}\"}}"),
         )
         .unwrap_or(0.0)
             * 1000.0

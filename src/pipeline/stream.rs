@@ -196,6 +196,14 @@ pub(super) async fn stream_once(
                 }
                 if last_catalog_check.elapsed() >= CATALOG_CHECK_EVERY {
                     last_catalog_check = Instant::now();
+                    match catalog.slot_sample(&cfg.postgres.slot).await {
+                        Ok(sample) => {
+                            if let Ok(mut s) = metrics.slot.lock() {
+                                *s = sample;
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "cannot read the slot for the metrics"),
+                    }
                     if let Some(why) = mapped_tables_changed(&catalog, &p.mapping).await {
                         break Err(RunError::TableChanged(why));
                     }
@@ -447,6 +455,7 @@ fn take_part(
             let mut ops = Vec::new();
             mapper.map_change(&c, t.commit_lsn, &mut ops)?;
             batcher.push_partial(ops, t.end_lsn, t.index);
+            batcher.note_change(c.relation.oid, c.op, || c.relation.qualified_name());
         }
         TxnPart::Message(_) => {}
         TxnPart::Commit(h) => {

@@ -76,9 +76,14 @@ pub(super) async fn sink_task(
         let mut attempt = 0u32;
         let mut dead: Vec<DeadLetter> = Vec::new();
         loop {
+            let attempt_started = std::time::Instant::now();
             match sink.apply(&batch, &dead).await {
                 Ok(()) => {
                     written(batch.end_lsn);
+                    metrics.record_batch(batch.changes, attempt_started.elapsed(), &batch.by_table);
+                    metrics
+                        .dead_letters
+                        .fetch_add(dead.len() as u64, Ordering::Relaxed);
                     let mut done = batch;
                     done.statements.clear();
                     done.plan.clear();

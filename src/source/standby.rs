@@ -132,6 +132,33 @@ impl PgClient {
             .map_err(|e| CatalogError::NotReady(format!("the server gave a bad WAL position: {e}")))
     }
 
+    /// The slot's state for the metrics, `None` if it does not exist.
+    pub async fn slot_sample(
+        &self,
+        slot: &str,
+    ) -> Result<Option<crate::metrics::SlotSample>, CatalogError> {
+        let row = self
+            .client()
+            .query_opt(
+                &format!(
+                    "SELECT active, (({WAL_POSITION}) - restart_lsn)::int8, wal_status, safe_wal_size \
+                     FROM pg_replication_slots WHERE slot_name = $1"
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(super::catalog::db_error)?;
+        Ok(row.map(|r| crate::metrics::SlotSample {
+            active: r.get(0),
+            retained_wal_bytes: r
+                .get::<_, Option<i64>>(1)
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0),
+            wal_status: r.get(2),
+            safe_wal_size: r.get(3),
+        }))
+    }
+
     /// `pg_log_standby_snapshot()` (on a primary, 16+).
     pub async fn log_standby_snapshot(&self) -> Result<(), CatalogError> {
         self.client()

@@ -27,7 +27,7 @@ mod spill;
 pub use assembler::Assembler;
 
 /// What a change did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     /// A new row.
@@ -38,6 +38,18 @@ pub enum Op {
     Delete,
     /// All rows of the table removed.
     Truncate,
+}
+
+impl Op {
+    /// The operation in lower case, as in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
 }
 
 /// One row change of a transaction.

@@ -538,10 +538,13 @@ mod tests {
         assert_eq!(parse_mix("70:20:10").unwrap(), [70, 20, 10]);
         assert!(parse_mix("0:50:50").is_err());
         assert!(parse_mix("a:b").is_err());
-        let text = "# TYPE x gauge\nwalgraph_ready 1\nwalgraph_commit_to_graph_seconds{quantile=\"0.99\"} 0.25\n";
+        let text = "# TYPE x gauge\nwalgraph_ready 1\nwalgraph_commit_to_graph_since_start_seconds{quantile=\"0.99\"} 0.25\n";
         assert_eq!(metric(text, "walgraph_ready"), Some(1.0));
         assert_eq!(
-            metric(text, "walgraph_commit_to_graph_seconds{quantile=\"0.99\"}"),
+            metric(
+                text,
+                "walgraph_commit_to_graph_since_start_seconds{quantile=\"0.99\"}"
+            ),
             Some(0.25)
         );
         assert_eq!(metric(text, "nope"), None);

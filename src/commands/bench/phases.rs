@@ -485,7 +485,7 @@ fn latency_ms(metrics: &str) -> [f64; 4] {
     ["0.5", "0.95", "0.99", "1"].map(|q| {
         metric(
             metrics,
-            &format!("walgraph_commit_to_graph_seconds{{quantile=\"{q}\"}}"),
+            &format!("walgraph_commit_to_graph_since_start_seconds{{quantile=\"{q}\"}}"),
         )
         .unwrap_or(f64::NAN)
             * 1000.0
