@@ -13,6 +13,7 @@ mod chaos;
 mod cli;
 mod connect;
 mod decoding;
+mod deploy;
 mod end_to_end;
 mod exactness;
 mod failover;
