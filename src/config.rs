@@ -76,6 +76,14 @@ pub struct PostgresConfig {
     /// wait for. `WALGRAPH_PG_PRIMARY_URL` overrides it.
     #[serde(default)]
     pub primary_url: Option<String>,
+    /// A file holding the Postgres password, used when the URL gives none
+    /// (a systemd credential, a mounted Secret). `WALGRAPH_PG_PASSWORD_FILE`
+    /// overrides it.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The password read from `password_file`.
+    #[serde(skip)]
+    pub password: Option<Secret>,
     /// The logical replication slot walgraph reads (and owns).
     #[serde(default = "default_name")]
     pub slot: String,
@@ -138,6 +146,8 @@ impl Default for PostgresConfig {
         PostgresConfig {
             url: None,
             primary_url: None,
+            password_file: None,
+            password: None,
             slot: default_name(),
             publication: default_name(),
             proto_version: None,
@@ -335,14 +345,26 @@ impl Config {
         if let Some(user) = env("WALGRAPH_NEO4J_USER") {
             cfg.neo4j.user = user;
         }
-        if let Some(pw) = env("WALGRAPH_NEO4J_PASSWORD") {
-            cfg.neo4j.password = Some(Secret::new(pw));
-        } else if let Some(file) = &cfg.neo4j.password_file {
+        if let Some(file) = env("WALGRAPH_NEO4J_PASSWORD_FILE") {
+            cfg.neo4j.password_file = Some(PathBuf::from(file));
+        }
+        if let Some(file) = env("WALGRAPH_PG_PASSWORD_FILE") {
+            cfg.postgres.password_file = Some(PathBuf::from(file));
+        }
+        let read_secret = |file: &PathBuf| -> Result<Secret, ConfigError> {
             let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
                 path: file.clone(),
                 source,
             })?;
-            cfg.neo4j.password = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
+            Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
+        };
+        if let Some(pw) = env("WALGRAPH_NEO4J_PASSWORD") {
+            cfg.neo4j.password = Some(Secret::new(pw));
+        } else if let Some(file) = &cfg.neo4j.password_file {
+            cfg.neo4j.password = Some(read_secret(file)?);
+        }
+        if let Some(file) = &cfg.postgres.password_file {
+            cfg.postgres.password = Some(read_secret(file)?);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -392,6 +414,35 @@ mod tests {
         let err = Config::parse("[postgres]\nslot = \"s\"\nslots = 3\n").unwrap_err();
         assert!(err.contains("slots"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn passwords_come_from_files_named_by_the_environment() {
+        let dir = std::env::temp_dir().join(format!("walgraph-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pg"), "pg secret\n").unwrap();
+        std::fs::write(dir.join("neo"), "neo secret\n").unwrap();
+        let (pg, neo) = (dir.join("pg"), dir.join("neo"));
+        let env = |k: &str| match k {
+            "WALGRAPH_PG_PASSWORD_FILE" => Some(pg.to_string_lossy().into_owned()),
+            "WALGRAPH_NEO4J_PASSWORD_FILE" => Some(neo.to_string_lossy().into_owned()),
+            "WALGRAPH_PG_URL" => Some("postgres://walgraph@127.0.0.1:5432/db".to_string()),
+            _ => None,
+        };
+        let cfg = Config::load_with_env(None, env).unwrap();
+        assert_eq!(cfg.neo4j.password.as_ref().map(Secret::expose), Some("neo secret"));
+        let info = crate::source::ConnInfo::of(&cfg.postgres).unwrap();
+        assert_eq!(info.password.as_ref().map(Secret::expose), Some("pg secret"));
+        // A password in the URL wins.
+        let mut with = cfg.clone();
+        with.postgres.url = Some("postgres://walgraph:inline@127.0.0.1:5432/db".into());
+        let info = crate::source::ConnInfo::of(&with.postgres).unwrap();
+        assert_eq!(info.password.as_ref().map(Secret::expose), Some("inline"));
+        // A file that cannot be read is one sentence.
+        let missing = |k: &str| (k == "WALGRAPH_PG_PASSWORD_FILE").then(|| "/nonexistent/pw".to_string());
+        let err = Config::load_with_env(None, missing).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/pw"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

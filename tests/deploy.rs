@@ -97,3 +97,154 @@ async fn the_dashboard_and_the_alert_rules_name_only_metrics_walgraph_serves() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn scratch_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("walgraph-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let unit = repo_file("deploy/systemd/walgraph.service");
+    for want in [
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CacheDirectory=walgraph",
+        "LoadCredential=neo4j-password:",
+        "Environment=WALGRAPH_NEO4J_PASSWORD_FILE=%d/neo4j-password",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+    ] {
+        assert!(unit.contains(want), "the unit lacks {want}");
+    }
+    // Verified as installed: the binary where ExecStart says (here, the
+    // one just built) and the manual page its Documentation= names.
+    let dir = scratch_dir("systemd");
+    let man = dir.join("man/man1");
+    std::fs::create_dir_all(&man).expect("man dir");
+    let page = std::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+        .arg("man")
+        .output()
+        .expect("walgraph man");
+    std::fs::write(man.join("walgraph.1"), page.stdout).expect("man page");
+    let file = dir.join("walgraph.service");
+    std::fs::write(
+        &file,
+        unit.replace(
+            "/usr/local/bin/walgraph ",
+            &format!("{} ", env!("CARGO_BIN_EXE_walgraph")),
+        ),
+    )
+    .expect("unit");
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&file)
+        .env("MANPATH", dir.join("man"))
+        .output()
+        .expect("systemd-analyze (deploy/local/services tools installs it)");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&file)
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("walgraph.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level: {text}"));
+    assert!(exposure <= 2.0, "exposure {exposure} (of 10): {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_against_the_api_schemas() {
+    let validate = std::env::var("WALGRAPH_KUBERNETES_VALIDATE").expect(
+        "WALGRAPH_KUBERNETES_VALIDATE (deploy/local/services tools installs it, env names it)",
+    );
+    let dir = format!("{}/deploy/kubernetes", env!("CARGO_MANIFEST_DIR"));
+    let files = ["config.yaml", "deployment.yaml", "sidecar.yaml"];
+    let out = std::process::Command::new(&validate)
+        .arg("--strict")
+        .args(files.iter().map(|f| format!("{dir}/{f}")))
+        .output()
+        .expect("kubernetes-validate");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches(" passed ").count(), 5, "{said}");
+    // And a broken one is caught.
+    let bad = scratch_dir("kubernetes").join("bad.yaml");
+    std::fs::write(
+        &bad,
+        repo_file("deploy/kubernetes/deployment.yaml").replace("replicas: 1", "replicas: one"),
+    )
+    .expect("bad manifest");
+    let out = std::process::Command::new(&validate)
+        .arg("--strict")
+        .arg(&bad)
+        .output()
+        .expect("kubernetes-validate");
+    assert!(!out.status.success(), "a broken manifest must fail");
+
+    let deployment = repo_file("deploy/kubernetes/deployment.yaml");
+    for want in [
+        "type: Recreate",
+        "replicas: 1",
+        "path: /health",
+        "path: /ready",
+        "secretName: walgraph-credentials",
+        "name: walgraph-config",
+        "prometheus.io/scrape: \"true\"",
+        "runAsNonRoot: true",
+    ] {
+        assert!(deployment.contains(want), "deployment.yaml lacks {want}");
+    }
+    let sidecar = repo_file("deploy/kubernetes/sidecar.yaml");
+    assert!(sidecar.contains("- name: postgres") && sidecar.contains("- name: walgraph"));
+    // The ConfigMap's configuration is one walgraph reads.
+    let config = repo_file("deploy/kubernetes/config.yaml");
+    let toml: String = config
+        .lines()
+        .skip_while(|l| !l.contains("walgraph.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let cfg = walgraph::config::Config::parse(&toml)
+        .unwrap_or_else(|e| panic!("the ConfigMap's walgraph.toml: {e}\n{toml}"));
+    assert_eq!(cfg.nodes.len(), 1);
+    assert!(cfg.http.listen.is_some(), "the probes need [http] listen");
+}
+
+#[test]
+fn the_containerfile_builds_in_two_stages_and_runs_as_a_user() {
+    let file = repo_file("Containerfile");
+    let froms: Vec<&str> = file.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert!(froms[0].contains(" AS build"), "{froms:?}");
+    assert!(
+        !froms[1].contains("rust"),
+        "the final image holds no toolchain"
+    );
+    assert!(file.contains("COPY --from=build"));
+    assert!(file.contains("USER 10001"), "runs as a non-root user");
+    assert!(file.contains("cargo build --release --locked"));
+}

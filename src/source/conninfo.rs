@@ -227,9 +227,16 @@ impl ConnInfo {
     /// primary when set.
     pub fn of(pg: &crate::config::PostgresConfig) -> Result<Self, ConnInfoError> {
         let mut info = Self::parse(pg.url.as_deref().unwrap_or(""))?;
+        // A password file counts where neither the URL nor PGPASSWORD gives one.
+        if info.password.is_none() {
+            info.password.clone_from(&pg.password);
+        }
         if let Some(p) = &pg.primary_url {
-            let primary = Self::parse(p)
+            let mut primary = Self::parse(p)
                 .map_err(|e| ConnInfoError(format!("postgres.primary_url: {}", e.0)))?;
+            if primary.password.is_none() {
+                primary.password.clone_from(&pg.password);
+            }
             info.primary = Some(Box::new(primary));
         }
         Ok(info)
