@@ -23,3 +23,8 @@ GRANT USAGE ON SCHEMA :"schema" TO :"role";
 GRANT SELECT ON ALL TABLES IN SCHEMA :"schema" TO :"role";
 -- Tables created later in the schema (by the role running this script).
 ALTER DEFAULT PRIVILEGES IN SCHEMA :"schema" GRANT SELECT ON TABLES TO :"role";
+-- Heartbeats: when nothing streams, `run` emits a logical message and times
+-- its trip to the graph (lag in seconds on a quiet database). PUBLIC may
+-- call the function unless an administrator revoked it; this says so
+-- explicitly. Without it walgraph goes on without heartbeats.
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO :"role";

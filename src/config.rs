@@ -121,6 +121,15 @@ pub struct PostgresConfig {
     /// the snapshot, backfill and reconcile alike).
     #[serde(default)]
     pub generated_columns: bool,
+    /// When nothing has streamed for this long, `run` emits a heartbeat
+    /// (a logical message) and times its trip to the graph; `0s` turns
+    /// heartbeats off.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl PostgresConfig {
@@ -157,6 +166,7 @@ impl Default for PostgresConfig {
             replay_window_mib: 0,
             failover: false,
             generated_columns: false,
+            heartbeat: default_heartbeat(),
         }
     }
 }
@@ -430,17 +440,20 @@ mod tests {
             _ => None,
         };
         let cfg = Config::load_with_env(None, env).unwrap();
-        assert_eq!(cfg.neo4j.password.as_ref().map(Secret::expose), Some("neo secret"));
-        let info = crate::source::ConnInfo::of(&cfg.postgres).unwrap();
-        assert_eq!(info.password.as_ref().map(Secret::expose), Some("pg secret"));
-        // A password in the URL wins.
-        let mut with = cfg.clone();
-        with.postgres.url = Some("postgres://walgraph:inline@127.0.0.1:5432/db".into());
-        let info = crate::source::ConnInfo::of(&with.postgres).unwrap();
-        assert_eq!(info.password.as_ref().map(Secret::expose), Some("inline"));
+        assert_eq!(
+            cfg.neo4j.password.as_ref().map(Secret::expose),
+            Some("neo secret")
+        );
+        assert_eq!(
+            cfg.postgres.password.as_ref().map(Secret::expose),
+            Some("pg secret")
+        );
         // A file that cannot be read is one sentence.
-        let missing = |k: &str| (k == "WALGRAPH_PG_PASSWORD_FILE").then(|| "/nonexistent/pw".to_string());
-        let err = Config::load_with_env(None, missing).unwrap_err().to_string();
+        let missing =
+            |k: &str| (k == "WALGRAPH_PG_PASSWORD_FILE").then(|| "/nonexistent/pw".to_string());
+        let err = Config::load_with_env(None, missing)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/pw"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -44,6 +44,7 @@ pub mod lsn;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;
+pub mod recent;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;

@@ -54,6 +54,11 @@ pub struct Metrics {
     /// Commit time (protocol microseconds) of the last transaction
     /// committed to Neo4j, 0 before the first.
     pub last_commit_time: AtomicU64,
+    /// Heartbeats that made the trip to the graph.
+    pub heartbeats: AtomicU64,
+    /// The last heartbeat's trip from the Postgres commit to the Neo4j
+    /// commit, in microseconds (0 before the first).
+    pub heartbeat_trip_us: AtomicU64,
     /// The slot as last read from `pg_replication_slots`.
     pub slot: Mutex<Option<SlotSample>>,
     /// The histograms and per-table counters.
@@ -187,6 +192,25 @@ impl Latency {
         self.max_micros as f64 / 1e6
     }
 
+    /// What was recorded after `earlier` (an older copy of this one): the
+    /// latencies of a window. Its maximum is the upper bound of its highest
+    /// bucket.
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .zip(earlier.counts.iter().chain(std::iter::repeat(&0)))
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let top = counts.iter().rposition(|c| *c > 0);
+        Latency {
+            total: counts.iter().sum(),
+            sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
+            max_micros: top.map_or(0, |i| (Self::upper_micros(i) as u64).min(self.max_micros)),
+            counts,
+        }
+    }
+
     /// The largest latency recorded, in seconds.
     pub fn max(&self) -> f64 {
         self.max_micros as f64 / 1e6
@@ -225,7 +249,7 @@ impl Metrics {
         &self,
         changes: usize,
         took: std::time::Duration,
-        by_table: &[(std::sync::Arc<str>, crate::transactions::Op, u64)],
+        by_table: &[(std::sync::Arc<str>, &'static str, u64)],
     ) {
         self.histograms.batch_changes.observe(changes as f64);
         self.histograms.batch_write.observe(took.as_secs_f64());
@@ -234,20 +258,28 @@ impl Metrics {
                 .changes_by_table
                 .get_or_create(&TableOp {
                     table: table.to_string(),
-                    op: op.as_str().to_string(),
+                    op: (*op).to_string(),
                 })
                 .inc_by(*n);
         }
     }
 
-    /// Seconds the graph is behind: 0 when the confirmed position is within
-    /// a page of the server's WAL end, else the age of the last commit
-    /// applied; `None` before the first.
+    /// Records a heartbeat's trip (protocol microseconds).
+    pub fn record_heartbeat(&self, trip_us: i64) {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.heartbeat_trip_us
+            .store(u64::try_from(trip_us).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Seconds the graph is behind: when the confirmed position is within a
+    /// page of the server's WAL end, the last heartbeat's trip (0 without
+    /// heartbeats); else the age of the last commit applied; `None` before
+    /// the first.
     pub fn lag_seconds(&self) -> Option<f64> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let lag = Lsn::new(get(&self.server_wal_lsn)).bytes_since(Lsn::new(get(&self.flushed_lsn)));
         if lag <= 8192 && get(&self.flushed_lsn) > 0 {
-            return Some(0.0);
+            return Some(get(&self.heartbeat_trip_us) as f64 / 1e6);
         }
         let t = get(&self.last_commit_time);
         (t > 0).then(|| (crate::lsn::pg_now() - i64::try_from(t).unwrap_or(0)).max(0) as f64 / 1e6)
@@ -257,6 +289,56 @@ impl Metrics {
     pub fn batch_failing_for(&self) -> Option<std::time::Duration> {
         let since = self.batch_failing_since_ms.load(Ordering::Relaxed);
         (since != 0).then(|| std::time::Duration::from_millis(unix_ms().saturating_sub(since)))
+    }
+
+    /// A copy of the commit-to-graph latencies recorded so far.
+    pub fn latency_now(&self) -> Latency {
+        self.latency.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// What the status page shows, as JSON: counters, positions, lag, the
+    /// slot, the latency of `window` (recorded since an earlier copy) and
+    /// the backfill.
+    pub fn status_json(&self, window: &Latency) -> serde_json::Value {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let flushed = Lsn::new(get(&self.flushed_lsn));
+        let server = Lsn::new(get(&self.server_wal_lsn));
+        let slot = self.slot.lock().ok().and_then(|s| s.clone());
+        let ms = |secs: f64| (secs * 1e6).round() / 1e3;
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "now_ms": unix_ms(),
+            "ready": self.ready.load(Ordering::Relaxed),
+            "batch_stuck": self.batch_stuck.load(Ordering::Relaxed),
+            "batch_failing_seconds": self.batch_failing_for().map_or(0.0, |d| d.as_secs_f64()),
+            "changes_applied": get(&self.changes),
+            "transactions_applied": get(&self.transactions),
+            "batches_committed": get(&self.batches),
+            "batch_retries": get(&self.retries),
+            "dead_letters": get(&self.dead_letters),
+            "flushed_lsn": flushed.to_string(),
+            "server_wal_lsn": server.to_string(),
+            "lag_bytes": server.bytes_since(flushed),
+            "lag_seconds": self.lag_seconds(),
+            "heartbeats": get(&self.heartbeats),
+            "heartbeat_trip_ms": ms(get(&self.heartbeat_trip_us) as f64 / 1e6),
+            "latency_ms": {
+                "changes": window.count(),
+                "p50": ms(window.quantile(0.5)),
+                "p99": ms(window.quantile(0.99)),
+                "max": ms(window.max()),
+            },
+            "slot": slot.map(|s| serde_json::json!({
+                "active": s.active,
+                "retained_wal_bytes": s.retained_wal_bytes,
+                "wal_status": s.wal_status,
+                "safe_wal_size": s.safe_wal_size,
+            })),
+            "backfill": {
+                "rows": get(&self.backfill_rows),
+                "tables_left": get(&self.backfill_tables_left),
+            },
+        })
     }
 
     /// Whether `/ready` may answer 200: replication streams and no batch is stuck.
@@ -347,6 +429,18 @@ impl Metrics {
             i(lag),
         );
         fgauge(&mut r, "lag_seconds", "Seconds the graph is behind the database: 0 when caught up, else the age of the last commit applied (NaN before the first).", self.lag_seconds().unwrap_or(f64::NAN));
+        counter(
+            &mut r,
+            "heartbeats",
+            "Heartbeats (logical messages walgraph emits when nothing streams) that reached the graph.",
+            get(&self.heartbeats),
+        );
+        fgauge(
+            &mut r,
+            "heartbeat_trip_seconds",
+            "The last heartbeat's time from its Postgres commit to the Neo4j commit.",
+            get(&self.heartbeat_trip_us) as f64 / 1e6,
+        );
         counter(
             &mut r,
             "backfill_rows",
@@ -493,11 +587,7 @@ mod render_tests {
         m.record_batch(
             3,
             std::time::Duration::from_millis(7),
-            &[(
-                std::sync::Arc::from("public.users"),
-                crate::transactions::Op::Insert,
-                3,
-            )],
+            &[(std::sync::Arc::from("public.users"), "insert", 3)],
         );
         *m.slot.lock().unwrap() = Some(SlotSample {
             active: true,

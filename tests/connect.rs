@@ -506,3 +506,88 @@ async fn setup_is_idempotent_status_reports_and_teardown_removes_everything() {
     let _ = std::fs::remove_file(&config);
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_right_to_emit_messages_run_says_so_once_and_streams_without_heartbeats() {
+    // Exclusive: the function's rights are the server's.
+    let _exclusive = SERVICES.write().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let role = format!("wgt_nobeat_{}", fx.id);
+    let password: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walgraph_role.sql");
+    let out = Command::new("psql")
+        .arg(&fx.env.pg_url)
+        .args(["-q", "-X", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-v",
+            &format!("role={role}"),
+            "-v",
+            &format!("password={password}"),
+        ])
+        .args(["-v", &format!("schema={}", fx.schema), "-f", script])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let function = "pg_catalog.pg_logical_emit_message(boolean, text, text)";
+    fx.sql(&format!(
+        "REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC, {role}"
+    ))
+    .await;
+    let result = async {
+        let config = fx.config_file(
+            "nobeat.toml",
+            "heartbeat = \"1s\"\n",
+            "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+        );
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walgraph"))
+            .args(["--config", &config.to_string_lossy(), "run"])
+            .envs(fx.env.vars())
+            .env(
+                "WALGRAPH_PG_URL",
+                url_as(&env().pg_url, &role, Some(&password)),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start walgraph run");
+        // Idle for several heartbeat periods, then a row.
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        fx.sql("INSERT INTO {s}.items VALUES (1, 'x')").await;
+        crate::support::eventually(std::time::Duration::from_secs(30), "the row", || async {
+            (fx.cypher("MATCH (n:{p}Item) RETURN n.id AS id").await.len() == 1).then_some(())
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let pid = child.id().expect("pid");
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let out =
+            tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+                .await
+                .expect("stops")
+                .expect("wait");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = Box::pin(result).await;
+    fx.sql(&format!("GRANT EXECUTE ON FUNCTION {function} TO PUBLIC"))
+        .await;
+    let said = log.matches("may not call pg_logical_emit_message").count();
+    assert_eq!(said, 1, "said once: {log}");
+    assert!(!log.contains("ERROR"), "and went on: {log}");
+    let _ = fx
+        .pg
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await;
+    fx.cleanup().await;
+}

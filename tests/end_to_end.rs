@@ -834,3 +834,54 @@ async fn with_log_format_json_every_line_is_an_object_naming_the_slot() {
     );
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_measure_the_lag_and_move_the_slot_while_nothing_changes() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(USERS_DDL, USERS_MAPPING).await;
+    fx.setup().await;
+    let addr = crate::support::free_address();
+    fx.config.http.listen = Some(addr);
+    fx.config.postgres.heartbeat = Duration::from_secs(1);
+    let run = fx.start_serving().await;
+    let addr = addr.to_string();
+    let metric = |body: &str, name: &str| walgraph::http::metric(body, name).unwrap_or(0.0);
+    let first = eventually(Duration::from_secs(60), "a heartbeat's trip", || async {
+        let (_, body) = http_get(&addr, "/metrics").await?;
+        (metric(&body, "walgraph_heartbeats_total") >= 1.0).then_some(body)
+    })
+    .await;
+    let trip = metric(&first, "walgraph_heartbeat_trip_seconds");
+    assert!(
+        trip > 0.0 && trip < 10.0,
+        "a measured trip: {trip} s\n{first}"
+    );
+    let flushed = fx.confirmed_flush().await;
+    // Nothing changes in the mapped tables, yet heartbeats go on and the
+    // slot's position moves with them.
+    eventually(
+        Duration::from_secs(60),
+        "more heartbeats and a moving slot",
+        || async {
+            let (_, body) = http_get(&addr, "/metrics").await?;
+            (metric(&body, "walgraph_heartbeats_total")
+                >= metric(&first, "walgraph_heartbeats_total") + 2.0
+                && fx.confirmed_flush().await > flushed)
+                .then_some(())
+        },
+    )
+    .await;
+    let (_, body) = http_get(&addr, "/metrics").await.expect("metrics");
+    let lag = metric(&body, "walgraph_lag_seconds");
+    assert!(
+        lag > 0.0 && lag < 10.0,
+        "lag in seconds while idle is the heartbeat's trip: {lag}"
+    );
+    assert_eq!(metric(&body, "walgraph_changes_applied_total"), 0.0);
+    assert!(
+        graph_users(&fx).await.is_empty(),
+        "heartbeats write no node"
+    );
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. A module may use modules of its own layer or
 /// below; within a layer the graph must still be acyclic.
 const LAYERS: &[&[&str]] = &[
-    &["lsn", "config", "retry", "metrics", "shutdown"],
+    &["lsn", "config", "retry", "metrics", "shutdown", "recent"],
     &["source"],
     &["decode"],
     &["transactions"],

@@ -25,3 +25,4 @@ mod reconcile;
 mod remap;
 mod replay;
 mod snapshot;
+mod status_page;

@@ -59,7 +59,7 @@ pub struct Batch {
     /// each transaction the batch completes, for latency metrics.
     pub commits: Vec<(i64, u64)>,
     /// Row changes by table and operation, for the metrics.
-    pub by_table: Vec<(std::sync::Arc<str>, crate::transactions::Op, u64)>,
+    pub by_table: Vec<(std::sync::Arc<str>, &'static str, u64)>,
 }
 
 impl Batch {
@@ -246,7 +246,7 @@ impl Batcher {
             commits: std::mem::take(&mut self.commits),
             by_table: std::mem::take(&mut self.by_table)
                 .into_iter()
-                .map(|((_, op), (name, n))| (name, op, n))
+                .map(|((_, op), (name, n))| (name, op.as_str(), n))
                 .collect(),
         };
         self.changes = 0;

@@ -38,6 +38,7 @@ use stream::stream_once;
 mod backfill;
 pub mod copy;
 mod follow;
+mod heartbeat;
 pub mod preflight;
 mod remap;
 pub mod replay;

@@ -101,7 +101,8 @@ pub(super) async fn stream_once(
             publications: vec![cfg.postgres.publication.clone()],
             start: checkpoint.lsn,
             proto_version,
-            messages: false,
+            // Heartbeats are logical messages.
+            messages: true,
             streaming: cfg.postgres.streaming,
             // Prepared transactions arrive as ordinary ones at COMMIT
             // PREPARED: applying at commit is all walgraph needs, and it
@@ -148,6 +149,17 @@ pub(super) async fn stream_once(
     let max_changes = cfg.batch.max_changes;
     let mut applied_changes: u64 = 0;
     let mut last_report = Instant::now();
+    // Heartbeats go where writes go (the primary, from a standby); none in
+    // a replay or without a graph.
+    let beats = p.sink.is_some() && replay.is_none();
+    let mut heartbeat = super::heartbeat::Heartbeat::new(
+        beats.then_some(cfg.postgres.heartbeat),
+        &cfg.postgres.slot,
+    );
+    let heartbeat_pg = match (&p.info.primary, beats) {
+        (Some(primary), true) => Some(PgClient::connect(primary).await?),
+        _ => None,
+    };
 
     let result: Result<(), RunError> = loop {
         let pending = assembler.has_parts();
@@ -156,7 +168,8 @@ pub(super) async fn stream_once(
         let can_take =
             pending && batcher.changes() < max_changes && !(chunk_next && open.is_none() && owed);
         let can_backfill = owed && in_flight.is_none() && batcher.is_empty() && open.is_none();
-        let can_dispatch = in_flight.is_none() && !batcher.is_empty();
+        let can_dispatch =
+            in_flight.is_none() && (!batcher.is_empty() || heartbeat.wants_dispatch());
         tokio::select! {
             biased;
             // 1. Shutdown: stop reading; the in-flight batch is awaited below.
@@ -174,6 +187,9 @@ pub(super) async fn stream_once(
                     metrics.batches.fetch_add(1, Ordering::Relaxed);
                     metrics.flushed_lsn.store(flushed.raw(), Ordering::Relaxed);
                     metrics.record_commits(&b.commits);
+                    if let Some(trip) = heartbeat.committed(b.end_lsn) {
+                        metrics.record_heartbeat(trip);
+                    }
                     tracing::debug!(checkpoint = %b.checkpoint(), changes = b.changes, transactions = b.transactions, "batch committed");
                     stream.send_status(report(flushed), false).await?;
                 }
@@ -184,6 +200,9 @@ pub(super) async fn stream_once(
             //    apart), and the idle checkpoint advance.
             _ = status.tick() => {
                 stream.send_status(report(flushed), false).await?;
+                if in_flight.is_none() && batcher.is_empty() && open.is_none() && !assembler.has_parts() {
+                    heartbeat.maybe_send(heartbeat_pg.as_ref().unwrap_or(&catalog)).await;
+                }
                 let idle = replay.is_none() && assembler.is_idle() && open.is_none() && batcher.is_empty() && in_flight.is_none();
                 if idle && may_advance_idle(&checkpoint, flushed, server_wal_end) && last_idle_advance.elapsed() >= IDLE_ADVANCE_EVERY {
                     last_idle_advance = Instant::now();
@@ -232,6 +251,7 @@ pub(super) async fn stream_once(
             // 4. The batch is due: hand it to the sink.
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
                 in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                heartbeat.dispatched();
                 deadline = None;
                 chunk_next = true;
             }
@@ -250,6 +270,17 @@ pub(super) async fn stream_once(
                         }
                     }
                     let was_empty = batcher.is_empty();
+                    match &part {
+                        TxnPart::Message(m) => heartbeat.message(m),
+                        TxnPart::Commit(h) => {
+                            heartbeat.activity();
+                            heartbeat.commit(h);
+                            if heartbeat.wants_dispatch() && deadline.is_none() {
+                                deadline = Some(Instant::now() + cfg.batch.max_delay);
+                            }
+                        }
+                        _ => {}
+                    }
                     if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher)? {
                         past_end = true;
                         break;
