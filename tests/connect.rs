@@ -339,16 +339,10 @@ async fn sslmodes_behave_as_in_libpq_on_both_connections() {
         .is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_works_as_the_least_privilege_role_from_sql() {
-    let _shared = SERVICES.read().await;
-    let mut fx = Fixture::new(
-        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);",
-        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
-    )
-    .await;
-    fx.setup().await;
-    let role = format!("wgt_role_{}", fx.id);
+/// Makes a role with `sql/walgraph_role.sql` for the fixture's schema;
+/// returns its name and password.
+async fn least_privilege_role(fx: &Fixture, prefix: &str) -> (String, String) {
+    let role = format!("{prefix}_{}", fx.id);
     let password: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walgraph_role.sql");
     let out = Command::new("psql")
@@ -368,6 +362,19 @@ async fn run_works_as_the_least_privilege_role_from_sql() {
         "sql/walgraph_role.sql failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (role, password)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_works_as_the_least_privilege_role_from_sql() {
+    let _shared = SERVICES.read().await;
+    let mut fx = Fixture::new(
+        "CREATE TABLE {s}.items (id int PRIMARY KEY, v text);",
+        "[[node]]\ntable = \"{s}.items\"\nlabel = \"{p}Item\"\n",
+    )
+    .await;
+    fx.setup().await;
+    let (role, password) = least_privilege_role(&fx, "wgt_role").await;
     let row = fx
         .pg
         .query_one(
@@ -517,26 +524,7 @@ async fn without_the_right_to_emit_messages_run_says_so_once_and_streams_without
     )
     .await;
     fx.setup().await;
-    let role = format!("wgt_nobeat_{}", fx.id);
-    let password: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/walgraph_role.sql");
-    let out = Command::new("psql")
-        .arg(&fx.env.pg_url)
-        .args(["-q", "-X", "-v", "ON_ERROR_STOP=1"])
-        .args([
-            "-v",
-            &format!("role={role}"),
-            "-v",
-            &format!("password={password}"),
-        ])
-        .args(["-v", &format!("schema={}", fx.schema), "-f", script])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (role, password) = least_privilege_role(&fx, "wgt_nobeat").await;
     let function = "pg_catalog.pg_logical_emit_message(boolean, text, text)";
     fx.sql(&format!(
         "REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC, {role}"
@@ -568,15 +556,7 @@ async fn without_the_right_to_emit_messages_run_says_so_once_and_streams_without
         })
         .await;
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        let pid = child.id().expect("pid");
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let out =
-            tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
-                .await
-                .expect("stops")
-                .expect("wait");
+        let out = crate::support::sigterm_and_wait(child).await;
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let log = Box::pin(result).await;

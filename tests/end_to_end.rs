@@ -649,22 +649,7 @@ async fn run_serves_health_readiness_and_metrics_and_stops_cleanly_on_sigterm() 
     assert!(status["slot_active"].as_bool().unwrap_or(false), "{status}");
 
     // SIGTERM: finish, confirm, exit 0.
-    let pid = child.id().expect("pid");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("walgraph must stop within 30 s of SIGTERM")
-        .expect("wait");
-    assert!(
-        out.status.success(),
-        "exit after SIGTERM: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = crate::support::sigterm_and_wait(child).await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains("a streamed transaction rolled back"),
@@ -802,17 +787,7 @@ async fn with_log_format_json_every_line_is_an_object_naming_the_slot() {
         (graph_users(&fx).await.len() == 1).then_some(())
     })
     .await;
-    let pid = child.id().expect("pid");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("stops on SIGTERM")
-        .expect("wait");
-    assert!(out.status.success(), "{out:?}");
+    let out = crate::support::sigterm_and_wait(child).await;
     let log = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<serde_json::Value> = log
         .lines()

@@ -116,16 +116,7 @@ async fn scenario() {
     assert_eq!(st.failover, Some(true), "status shows the failover slot");
     assert_eq!(st.invalidation_reason, None);
 
-    walgraph::commands::snapshot::snapshot(
-        &fx.config,
-        &walgraph::commands::snapshot::SnapshotOptions {
-            chunk_rows: 1000,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("snapshot: {}", walgraph::error_sentence(&e)));
+    crate::backfill::take_snapshot(&fx.config).await;
     let port = standby("up");
     let standby_url = fx.env.pg_url.replace(
         &format!(":{}/", url_port(&fx.env.pg_url)),
@@ -409,16 +400,8 @@ async fn from_a_standby() {
         0,
         "no slot on the primary"
     );
-    walgraph::commands::snapshot::snapshot(
-        &cfg,
-        &walgraph::commands::snapshot::SnapshotOptions {
-            chunk_rows: 100,
-            restart: false,
-            progress_bar: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("snapshot on the standby: {}", walgraph::error_sentence(&e)));
+    // Read on the standby, under a snapshot exported there.
+    crate::backfill::take_snapshot(&cfg).await;
 
     // Streams from the standby while the primary takes writes, across a
     // kill of walgraph in the middle.

@@ -643,6 +643,28 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// Sends SIGTERM to a spawned walgraph and waits (30 s at most) for it to
+/// end; its output, and whether it exited 0.
+pub async fn sigterm_and_wait(child: tokio::process::Child) -> std::process::Output {
+    let pid = child.id().expect("pid");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -TERM {pid}");
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("walgraph must stop within 30 s of SIGTERM")
+        .expect("wait");
+    assert!(
+        out.status.success(),
+        "exit after SIGTERM: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A free local port, as `127.0.0.1:port`.
 pub fn free_address() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
