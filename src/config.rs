@@ -60,6 +60,61 @@ pub struct Config {
     /// Foreign keys and join tables mapped to relationships.
     #[serde(default, rename = "relationship")]
     pub relationships: Vec<RelationshipMapping>,
+    /// Logical messages (`pg_logical_emit_message`) applied as graph
+    /// operations, by prefix.
+    #[serde(default)]
+    pub messages: Vec<MessagesMapping>,
+    /// Outbox tables whose inserted rows are applied as graph operations.
+    #[serde(default)]
+    pub outbox: Vec<OutboxMapping>,
+}
+
+/// The prefix of walgraph's heartbeat messages.
+pub const HEARTBEAT_PREFIX: &str = "walgraph_heartbeat";
+
+/// `[[messages]]`: transactional logical messages with this prefix are
+/// graph operations (JSON, see docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagesMapping {
+    /// The prefix given to `pg_logical_emit_message`.
+    pub prefix: String,
+    /// Labels an operation may merge, delete or connect.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Relationship types an operation may merge or delete.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Key properties of labels no `[[node]]` maps (default `["id"]`).
+    #[serde(default)]
+    pub keys: BTreeMap<String, Vec<String>>,
+}
+
+/// `[[outbox]]`: a table whose inserted rows each carry a graph operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxMapping {
+    /// Schema-qualified table name.
+    pub table: String,
+    /// The column holding the operation (json, jsonb or text).
+    pub column: String,
+    /// A column naming the aggregate's label (Debezium's `aggregatetype`):
+    /// with `aggregate_column`, a payload that is not an operation is the
+    /// properties of that node, and a NULL payload deletes it.
+    #[serde(default)]
+    pub type_column: Option<String>,
+    /// A column holding the aggregate's key (Debezium's `aggregateid`).
+    #[serde(default)]
+    pub aggregate_column: Option<String>,
+    /// Labels an operation may merge, delete or connect.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Relationship types an operation may merge or delete.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Key properties of labels no `[[node]]` maps (default `["id"]`).
+    #[serde(default)]
+    pub keys: BTreeMap<String, Vec<String>>,
 }
 
 /// `[postgres]`: where the changes come from.
@@ -508,6 +563,10 @@ pub struct NodeMapping {
     /// Property names for columns, where they differ.
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
+    /// Keep every version of each node as a `(:LabelVersion)` with
+    /// `validFrom`/`validTo`, linked from the node by `VERSION`.
+    #[serde(default)]
+    pub history: bool,
 }
 
 /// One end of a relationship.

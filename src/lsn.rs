@@ -149,6 +149,11 @@ pub fn pg_micros_to_unix(pg_micros: i64) -> i64 {
     pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS)
 }
 
+/// A Postgres protocol time (microseconds since 2000-01-01) as a UTC time.
+pub fn pg_time(pg_micros: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(pg_micros_to_unix(pg_micros)).unwrap_or_default()
+}
+
 /// Now, in microseconds since 2000-01-01 UTC (the protocol's clock).
 pub fn pg_now() -> i64 {
     let unix = std::time::SystemTime::now()

@@ -15,6 +15,7 @@ mod connect;
 mod decoding;
 mod deploy;
 mod end_to_end;
+mod events;
 mod exactness;
 mod failover;
 mod large;

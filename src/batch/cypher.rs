@@ -274,6 +274,48 @@ pub fn truncate_type(rel_type: &str) -> String {
     )
 }
 
+/// The versions of a history label's nodes just upserted: rows `{k, lsn,
+/// at}`. Where the node holds this change (its `_lsn` is the row's) and no
+/// version of its key is as new (a replayed batch adds none), the open
+/// version is closed at `at` and a new one made of the node's properties,
+/// valid from `at` (null: now). Versions left by a delete of the key are
+/// linked again.
+pub fn open_versions(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    let v = quote(&crate::mapping::events::version_label(label));
+    let kp = key_pattern(key_props, "k");
+    format!(
+        "{PREFIX}UNWIND $rows AS row MATCH (n:{l} {kp}){hint} \
+         WHERE n._lsn = row.lsn AND NOT EXISTS {{ MATCH (x:{v} {kp}) WHERE x._lsn >= row.lsn }} \
+         WITH n, row, coalesce(row.at, datetime()) AS at \
+         OPTIONAL MATCH (o:{v} {kp}) WHERE o.validTo IS NULL \
+         WITH n, row, at, collect(o) AS open FOREACH (o IN open | SET o.validTo = at) \
+         WITH n, row, at OPTIONAL MATCH (d:{v} {kp}) WHERE NOT EXISTS {{ (d)<-[:VERSION]-() }} \
+         WITH n, row, at, collect(d) AS left FOREACH (d IN left | MERGE (n)-[:VERSION]->(d)) \
+         CREATE (n)-[:VERSION]->(v:{v}) SET v = properties(n), v.validFrom = at, v._lsn = row.lsn",
+        l = quote(label),
+        hint = index_hint("n", label, key_props),
+    )
+}
+
+/// Closes the open version of each deleted node: rows `{k, lsn, at}`.
+pub fn close_versions(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    format!(
+        "{PREFIX}UNWIND $rows AS row MATCH (o:{} {}) WHERE o.validTo IS NULL AND o._lsn <= row.lsn \
+         SET o.validTo = coalesce(row.at, datetime())",
+        quote(&crate::mapping::events::version_label(label)),
+        key_pattern(key_props, "k"),
+    )
+}
+
+/// Closes every open version of a label (TRUNCATE): one row `{lsn, at}`.
+pub fn close_all_versions(label: &str) -> String {
+    format!(
+        "{PREFIX}UNWIND $rows AS row MATCH (o:{}) WHERE o.validTo IS NULL AND o._lsn <= row.lsn \
+         SET o.validTo = coalesce(row.at, datetime())",
+        quote(&crate::mapping::events::version_label(label)),
+    )
+}
+
 /// Converts a value to its Bolt form. Neo4j properties cannot hold maps,
 /// lists with nulls or mixed types, or lists of byte arrays: JSON stays
 /// text, and such arrays are stored as JSON text (bytes as hex).

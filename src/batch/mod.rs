@@ -21,9 +21,31 @@ use plan::Segment;
 
 pub mod cypher;
 mod plan;
-mod render;
+pub mod render;
 
 pub use render::{describe, render_plan};
+
+/// Commit times (microseconds since 2000-01-01 UTC) by commit LSN, of the
+/// transactions a batch holds: the `validFrom` of the versions they make.
+pub type CommitTimes = std::collections::HashMap<Lsn, i64>;
+
+/// Something recorded instead of applied (`neo4j.on_error =
+/// "dead_letter"`): a change Neo4j rejected for good, or an operation from
+/// a message or an outbox row that walgraph refused. Written as a
+/// `WalgraphDeadLetter` node in the same transaction as its batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The source table (or where the operation came from).
+    pub table: String,
+    /// The row's key values.
+    pub key: String,
+    /// The commit LSN of the change.
+    pub lsn: Option<Lsn>,
+    /// What walgraph tried (the operation, as text).
+    pub operation: String,
+    /// Why it failed.
+    pub error: String,
+}
 
 /// One Cypher statement and its rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +82,10 @@ pub struct Batch {
     pub commits: Vec<(i64, u64)>,
     /// Row changes by table and operation, for the metrics.
     pub by_table: Vec<(std::sync::Arc<str>, &'static str, u64)>,
+    /// Commit times of the transactions it holds (for versions).
+    pub times: CommitTimes,
+    /// Operations refused before the sink, recorded with the batch.
+    pub dead: Vec<DeadLetter>,
 }
 
 impl Batch {
@@ -83,6 +109,11 @@ pub struct Batcher {
     commits: Vec<(i64, u64)>,
     /// Changes by (table OID, operation), with the table's name.
     by_table: std::collections::HashMap<(u32, crate::transactions::Op), (std::sync::Arc<str>, u64)>,
+    /// Labels whose versions are kept: their nodes never coalesce across
+    /// transactions (each transaction's state is a version).
+    history: std::sync::Arc<std::collections::HashSet<std::sync::Arc<str>>>,
+    times: CommitTimes,
+    dead: Vec<DeadLetter>,
 }
 
 impl Batcher {
@@ -101,6 +132,30 @@ impl Batcher {
         }
     }
 
+    /// Keeps the nodes of `mapping`'s history labels apart per
+    /// transaction (see [`Batcher::history`]).
+    pub fn with_history(mut self, mapping: &Mapping) -> Self {
+        self.history = std::sync::Arc::new(
+            mapping
+                .history_keys()
+                .into_iter()
+                .map(|(label, _)| label)
+                .collect(),
+        );
+        self
+    }
+
+    /// Notes the commit time of the transaction committed at `commit_lsn`
+    /// (the `validFrom` of the versions it makes).
+    pub fn note_commit_time(&mut self, commit_lsn: Lsn, commit_time: i64) {
+        self.times.insert(commit_lsn, commit_time);
+    }
+
+    /// Records something refused instead of applied, with this batch.
+    pub fn dead_letter(&mut self, d: DeadLetter) {
+        self.dead.push(d);
+    }
+
     /// While nothing waits: the stream is known to hold nothing for the
     /// graph up to `lsn` (the idle advance), so the next batch reports at
     /// least it.
@@ -111,7 +166,7 @@ impl Batcher {
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.transactions == 0 && self.partial.is_none()
+        self.transactions == 0 && self.partial.is_none() && self.dead.is_empty()
     }
 
     /// Row changes waiting.
@@ -195,7 +250,9 @@ impl Batcher {
             // change's final version and its LSN.
             let new_segment = match self.segments.last() {
                 None => true,
-                Some(s) => s.truncate.is_some() || group.iter().any(|op| s.conflicts(op)),
+                Some(s) => {
+                    s.truncate.is_some() || group.iter().any(|op| s.conflicts(op, &self.history))
+                }
             };
             if new_segment {
                 self.segments.push(Segment::default());
@@ -234,7 +291,8 @@ impl Batcher {
     /// Takes the waiting operations as a batch of statements.
     pub fn take(&mut self, mapping: &Mapping) -> Batch {
         let plan = self.take_plan();
-        let statements = render_plan(&plan, mapping);
+        let times = std::mem::take(&mut self.times);
+        let statements = render::render_plan_at(&plan, mapping, &times);
         let batch = Batch {
             plan,
             statements,
@@ -248,6 +306,8 @@ impl Batcher {
                 .into_iter()
                 .map(|((_, op), (name, n))| (name, op.as_str(), n))
                 .collect(),
+            times,
+            dead: std::mem::take(&mut self.dead),
         };
         self.changes = 0;
         self.transactions = 0;

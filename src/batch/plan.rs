@@ -76,8 +76,14 @@ impl Segment {
             && self.truncate.is_none()
     }
 
-    /// Whether `op` would be reordered across a delete of a node it touches.
-    pub(super) fn conflicts(&self, op: &GraphOp) -> bool {
+    /// Whether `op` would be reordered across a delete of a node it
+    /// touches, or would coalesce a node of a `history` label with its
+    /// state from another transaction (each is a version).
+    pub(super) fn conflicts(
+        &self,
+        op: &GraphOp,
+        history: &std::collections::HashSet<Arc<str>>,
+    ) -> bool {
         let touched = |n: &NodeRef| self.deleted.contains_key(n);
         match op {
             // A key change reads the old node: neither it nor the new one
@@ -95,13 +101,15 @@ impl Segment {
             }
             // A later write must not join a key change (its guard would
             // judge the copy at the later LSN).
-            GraphOp::UpsertNode { node, .. } => {
+            GraphOp::UpsertNode { node, lsn, .. } => {
                 touched(node)
                     || self
                         .upsert_idx
                         .get(node)
                         .and_then(|&i| self.upserts[i].as_ref())
-                        .is_some_and(|u| u.source.is_some())
+                        .is_some_and(|u| {
+                            u.source.is_some() || (u.lsn != *lsn && history.contains(&node.label))
+                        })
             }
             GraphOp::SetOwnedRel { own, other, .. } => {
                 touched(own) || other.as_ref().is_some_and(touched)
@@ -364,12 +372,15 @@ impl Segment {
         }
         out.extend(groups.into_inner());
 
-        // 3. edge deletes, by type and identity.
-        let mut groups: Groups<(Arc<str>, bool)> = Groups::default();
+        // 3. edge deletes, by type, identity and the ends' labels.
+        let mut groups: Groups<(Arc<str>, Option<Ends>)> = Groups::default();
         for (id, lsn) in self.edge_deletes {
             match id {
                 EdgeId::Pair(t, f, to) => groups.push(
-                    (Arc::clone(&t), true),
+                    (
+                        Arc::clone(&t),
+                        Some((Arc::clone(&f.label), Arc::clone(&to.label))),
+                    ),
                     GraphOp::DeleteEdge {
                         rel_type: t,
                         key: Key(Vec::new()),
@@ -378,7 +389,7 @@ impl Segment {
                     },
                 ),
                 EdgeId::Key(t, k) => groups.push(
-                    (Arc::clone(&t), false),
+                    (Arc::clone(&t), None),
                     GraphOp::DeleteEdge {
                         rel_type: t,
                         key: k,
@@ -390,15 +401,20 @@ impl Segment {
         }
         out.extend(groups.into_inner());
 
-        // 4. edge merges, by type.
-        let mut groups: Groups<Arc<str>> = Groups::default();
+        // 4. edge merges, by type and the ends' labels (one type from
+        //    messages may join several pairs of labels).
+        let mut groups: Groups<(Arc<str>, Arc<str>, Arc<str>)> = Groups::default();
         for (id, m) in self.edge_merges.into_iter().flatten() {
             let (t, key) = match id {
                 EdgeId::Pair(t, _, _) => (t, Key(Vec::new())),
                 EdgeId::Key(t, k) => (t, k),
             };
             groups.push(
-                Arc::clone(&t),
+                (
+                    Arc::clone(&t),
+                    Arc::clone(&m.from.label),
+                    Arc::clone(&m.to.label),
+                ),
                 GraphOp::MergeEdge {
                     rel_type: t,
                     key,
@@ -419,6 +435,9 @@ impl Segment {
         out.extend(groups.into_inner());
     }
 }
+
+/// The labels at the start and the end of an edge.
+type Ends = (Arc<str>, Arc<str>);
 
 /// Operations grouped by a key, in first-seen order.
 struct Groups<K> {

@@ -10,17 +10,90 @@ use std::sync::Arc;
 
 use neo4rs::{BoltInteger, BoltList, BoltType};
 
-use super::{cypher, Batch, Statement};
+use super::{cypher, Batch, CommitTimes, Statement};
 use crate::lsn::Lsn;
 use crate::mapping::map::{GraphOp, Key};
 use crate::mapping::{Mapping, RelKind};
 
-/// The statements for a plan, in order.
+/// The statements for a plan, in order (versions, if any, stamped with
+/// the time they are written).
 pub fn render_plan(plan: &[Vec<GraphOp>], mapping: &Mapping) -> Vec<Statement> {
+    render_plan_at(plan, mapping, &CommitTimes::new())
+}
+
+/// The statements for a plan, in order; the versions of history labels
+/// start at the commit times of their transactions (`times`, by commit
+/// LSN), or when they are written where it has none.
+pub fn render_plan_at(
+    plan: &[Vec<GraphOp>],
+    mapping: &Mapping,
+    times: &CommitTimes,
+) -> Vec<Statement> {
     let lookup = Lookup::new(mapping);
-    plan.iter()
-        .filter_map(|group| render(group, &lookup))
-        .collect()
+    let mut out = Vec::with_capacity(plan.len());
+    for group in plan {
+        let Some(st) = render(group, &lookup) else {
+            continue;
+        };
+        let history = group.first().and_then(|op| match op {
+            GraphOp::UpsertNode { node, .. } | GraphOp::DeleteNode { node, .. } => {
+                Some(&node.label)
+            }
+            GraphOp::TruncateLabel { label, .. } => Some(label),
+            _ => None,
+        });
+        match history.filter(|l| lookup.history.contains(&***l)) {
+            Some(label) => {
+                let v = versions(group, label, &lookup, times);
+                out.push(st);
+                out.push(v);
+            }
+            None => out.push(st),
+        }
+    }
+    out
+}
+
+/// The version statement of a group of a history label: after upserts, a
+/// new version of each node written (the previous one closed); after
+/// deletes and truncates, the last version closed.
+fn versions(
+    group: &[GraphOp],
+    label: &Arc<str>,
+    lookup: &Lookup<'_>,
+    times: &CommitTimes,
+) -> Statement {
+    let at = |l: Lsn| match times.get(&l) {
+        Some(t) => crate::batch::cypher::to_bolt(&crate::decode::Value::TimestampTz(
+            crate::lsn::pg_time(*t).fixed_offset(),
+        )),
+        None => BoltType::Null(neo4rs::BoltNull),
+    };
+    let lsn = |l: Lsn| BoltType::Integer(BoltInteger::new(l.to_i64()));
+    let mut rows = BoltList::with_capacity(group.len());
+    for op in group {
+        let row = match op {
+            GraphOp::UpsertNode { node, lsn: l, .. } | GraphOp::DeleteNode { node, lsn: l } => {
+                cypher::row(vec![
+                    ("k", cypher::key_list(&node.key)),
+                    ("lsn", lsn(*l)),
+                    ("at", at(*l)),
+                ])
+            }
+            GraphOp::TruncateLabel { lsn: l, .. } => {
+                cypher::row(vec![("lsn", lsn(*l)), ("at", at(*l))])
+            }
+            _ => continue,
+        };
+        rows.push(row);
+    }
+    let key = lookup.key_props(label);
+    let cypher = match group.first() {
+        Some(GraphOp::UpsertNode { .. }) => cypher::open_versions(label, key),
+        Some(GraphOp::DeleteNode { .. }) => cypher::close_versions(label, key),
+        _ => cypher::close_all_versions(label),
+    };
+    Statement { cypher, rows }
 }
 
 impl Batch {
@@ -33,7 +106,7 @@ impl Batch {
         }
         let op = ops.remove(index);
         self.plan.retain(|g| !g.is_empty());
-        self.statements = render_plan(&self.plan, mapping);
+        self.statements = render_plan_at(&self.plan, mapping, &self.times);
         Some(op)
     }
 }
@@ -235,30 +308,33 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
                 *own_is_from,
             )
         }
-        GraphOp::DeleteEdge { rel_type, ends, .. } => {
-            let rel = lookup.rel(rel_type)?;
-            if ends.is_some() {
-                cypher::delete_edges_by_ends(
-                    rel_type,
-                    (&rel.from.label, &rel.from.key_props),
-                    (&rel.to.label, &rel.to.key_props),
-                )
-            } else {
-                cypher::delete_edges_by_key(rel_type, &rel.key_columns)
-            }
-        }
-        GraphOp::MergeEdge { rel_type, .. } => {
-            let rel = lookup.rel(rel_type)?;
-            let edge_key = match rel.kind {
-                RelKind::Edge {
-                    pair_identity: false,
-                } => Some(rel.key_columns.as_slice()),
+        // The ends' labels come from the operation: a type from messages
+        // may join several pairs of labels (a mapped type joins one).
+        GraphOp::DeleteEdge { rel_type, ends, .. } => match ends {
+            Some((f, t)) => cypher::delete_edges_by_ends(
+                rel_type,
+                (&f.label, lookup.key_props(&f.label)),
+                (&t.label, lookup.key_props(&t.label)),
+            ),
+            None => cypher::delete_edges_by_key(rel_type, &lookup.rel(rel_type)?.key_columns),
+        },
+        GraphOp::MergeEdge {
+            rel_type, from, to, ..
+        } => {
+            // A type no table maps (from messages) is identified by its ends.
+            let edge_key = match lookup.rel(rel_type).map(|r| (r.kind, r)) {
+                Some((
+                    RelKind::Edge {
+                        pair_identity: false,
+                    },
+                    rel,
+                )) => Some(rel.key_columns.as_slice()),
                 _ => None,
             };
             cypher::merge_edges(
                 rel_type,
-                (&rel.from.label, &rel.from.key_props),
-                (&rel.to.label, &rel.to.key_props),
+                (&from.label, lookup.key_props(&from.label)),
+                (&to.label, lookup.key_props(&to.label)),
                 edge_key,
             )
         }
@@ -274,21 +350,34 @@ fn render(group: &[GraphOp], lookup: &Lookup<'_>) -> Option<Statement> {
 struct Lookup<'m> {
     labels: HashMap<&'m str, &'m [Arc<str>]>,
     rels: HashMap<&'m str, &'m crate::mapping::RelTarget>,
+    /// Labels whose versions are kept.
+    history: std::collections::HashSet<&'m str>,
 }
 
 impl<'m> Lookup<'m> {
     fn new(mapping: &'m Mapping) -> Self {
         let mut labels = HashMap::new();
         let mut rels = HashMap::new();
+        let mut history = std::collections::HashSet::new();
         for t in mapping.tables.values() {
             if let Some(n) = &t.node {
                 labels.insert(&*n.label, n.key_props.as_slice());
+                if n.history {
+                    history.insert(&*n.label);
+                }
             }
             for r in &t.rels {
                 rels.insert(&*r.rel_type, r);
             }
         }
-        Lookup { labels, rels }
+        for (label, key) in &mapping.event_keys {
+            labels.insert(&**label, key.as_slice());
+        }
+        Lookup {
+            labels,
+            rels,
+            history,
+        }
     }
 
     fn key_props(&self, label: &str) -> &'m [Arc<str>] {

@@ -1045,3 +1045,133 @@ proptest! {
         prop_assert_eq!(batched.shape(), one_by_one.shape(), "seed {}", seed);
     }
 }
+
+// ------------------------------------------------- history and event types
+
+fn history_mapping() -> crate::mapping::Mapping {
+    use crate::mapping::tests::{demo_catalog, DEMO_MAPPING};
+    let text = DEMO_MAPPING.replacen("label = \"Role\"\n", "label = \"Role\"\nhistory = true\n", 1)
+        + "[[messages]]\nprefix = \"app\"\nlabels = [\"Event\", \"User\", \"Role\"]\ntypes = [\"ABOUT\"]\n";
+    let cfg = Config::parse(&text).expect("mapping");
+    crate::mapping::compile_config(&cfg, &demo_catalog()).expect("compiles")
+}
+
+fn node(label: &str, id: i64) -> NodeRef {
+    NodeRef {
+        label: Arc::from(label),
+        key: Key(vec![Value::Int(id)]),
+    }
+}
+
+fn upsert(n: &NodeRef, name: &str, lsn: u64) -> GraphOp {
+    GraphOp::UpsertNode {
+        node: n.clone(),
+        props: vec![(Arc::from("name"), Value::Text(name.into()))],
+        lsn: Lsn::new(lsn),
+        source: None,
+    }
+}
+
+#[test]
+fn a_history_node_changed_by_two_transactions_of_a_batch_makes_a_version_for_each() {
+    let mapping = history_mapping();
+    let mut b = Batcher::new().with_history(&mapping);
+    let (role, user) = (node("Role", 1), node("User", 1));
+    b.note_commit_time(Lsn::new(10), 1_000_000);
+    b.push_transaction(
+        vec![
+            vec![upsert(&role, "a", 10)],
+            vec![upsert(&role, "b", 10)],
+            vec![upsert(&user, "a", 10)],
+        ],
+        Lsn::new(11),
+    );
+    b.note_commit_time(Lsn::new(20), 2_000_000);
+    b.push_transaction(
+        vec![vec![upsert(&role, "c", 20)], vec![upsert(&user, "b", 20)]],
+        Lsn::new(21),
+    );
+    b.note_commit_time(Lsn::new(30), 3_000_000);
+    b.push_transaction(
+        vec![vec![GraphOp::DeleteNode {
+            node: role.clone(),
+            lsn: Lsn::new(30),
+        }]],
+        Lsn::new(31),
+    );
+    let batch = b.take(&mapping);
+    let opened: Vec<_> = batch
+        .statements
+        .iter()
+        .filter(|s| {
+            s.cypher
+                .contains("CREATE (n)-[:VERSION]->(v:`RoleVersion`)")
+        })
+        .collect();
+    assert_eq!(
+        opened.len(),
+        2,
+        "one version per transaction, the two changes of the first coalesced"
+    );
+    let closed = batch
+        .statements
+        .iter()
+        .filter(|s| {
+            s.cypher
+                .contains("UNWIND $rows AS row MATCH (o:`RoleVersion`")
+        })
+        .count();
+    assert_eq!(closed, 1, "the delete closes the last version");
+    assert!(!batch
+        .statements
+        .iter()
+        .any(|s| s.cypher.contains("UserVersion")));
+    // Each version starts at its own transaction's commit time.
+    let at = |s: &super::Statement| match &s.rows.value[0] {
+        neo4rs::BoltType::Map(m) => m.value.get(&neo4rs::BoltString::new("at")).cloned(),
+        _ => None,
+    };
+    assert_ne!(at(opened[0]), at(opened[1]));
+    assert!(at(opened[0]).is_some_and(|v| matches!(v, neo4rs::BoltType::DateTime(_))));
+}
+
+#[test]
+fn one_relationship_type_from_messages_joins_several_pairs_of_labels() {
+    let mapping = history_mapping();
+    let mut b = Batcher::new();
+    let edge = |to: &NodeRef| GraphOp::MergeEdge {
+        rel_type: Arc::from("ABOUT"),
+        key: Key(Vec::new()),
+        from: node("Event", 1),
+        to: to.clone(),
+        props: Vec::new(),
+        lsn: Lsn::new(5),
+    };
+    b.push_transaction(
+        vec![vec![edge(&node("User", 1)), edge(&node("Role", 2))]],
+        Lsn::new(6),
+    );
+    let batch = b.take(&mapping);
+    let merges: Vec<&str> = batch
+        .statements
+        .iter()
+        .map(|s| s.cypher.as_str())
+        .filter(|c| c.contains("[r:`ABOUT`]"))
+        .collect();
+    assert_eq!(merges.len(), 2, "{merges:?}");
+    assert!(
+        merges[0].contains("MERGE (b:`User` {`id`: row.t[0]})"),
+        "{}",
+        merges[0]
+    );
+    assert!(
+        merges[1].contains("MERGE (b:`Role` {`id`: row.t[0]})"),
+        "{}",
+        merges[1]
+    );
+    assert!(
+        merges[0].contains("MERGE (a:`Event` {`id`: row.f[0]})"),
+        "{}",
+        merges[0]
+    );
+}

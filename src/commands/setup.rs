@@ -43,7 +43,7 @@ pub async fn setup(cfg: &Config) -> anyhow::Result<Vec<String>> {
             .unwrap_or(&pg)
             .ensure_publication(
                 &cfg.postgres.publication,
-                &mapping.table_names(),
+                &mapping.published_tables(),
                 cfg.postgres.generated_columns,
             )
             .await?,

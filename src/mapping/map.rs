@@ -224,6 +224,20 @@ pub enum MapError {
         /// Commit LSN of the change.
         lsn: Lsn,
     },
+    /// A message or an outbox row whose operation walgraph refuses
+    /// (malformed, or touching what its section does not allow).
+    #[error("{origin} at {lsn} is refused: {why}; fix what writes it, or set neo4j.on_error = \"dead_letter\" to record such operations and go on")]
+    Refused {
+        /// Where it came from (`the message with prefix walgraph`, `a row
+        /// inserted into public.outbox`).
+        origin: String,
+        /// Commit LSN of its transaction (or its own, outside one).
+        lsn: Lsn,
+        /// Why.
+        why: String,
+        /// The operation's text.
+        text: String,
+    },
     /// A key column came without a value.
     #[error("a change to {table} at {lsn} has no value for key column `{column}`; give the table a primary key or REPLICA IDENTITY FULL")]
     MissingKey {
@@ -271,7 +285,7 @@ fn key_of(rel: &Relation, row: &[Field], columns: &[String]) -> Result<Option<Ke
 /// A numeric key in one form for one number: `5.00` (a `numeric(10,2)`
 /// foreign key) and `5` (a `numeric` key) are equal to Postgres, so they
 /// name one node.
-fn canonical_numeric(n: &str) -> String {
+pub(crate) fn canonical_numeric(n: &str) -> String {
     let Some((whole, frac)) = n.split_once('.') else {
         return if n == "-0" { "0".into() } else { n.into() };
     };
@@ -333,6 +347,101 @@ impl Mapper {
         &self.mapping
     }
 
+    /// Whether messages with this prefix are graph operations.
+    pub fn takes_messages(&self, prefix: &str) -> bool {
+        self.mapping.messages.contains_key(prefix)
+    }
+
+    /// Appends the operations of a logical message to `out`; nothing for
+    /// a prefix no `[[messages]]` section names.
+    pub fn map_message(
+        &self,
+        m: &crate::transactions::LogicalMessage,
+        lsn: Lsn,
+        out: &mut Vec<GraphOp>,
+    ) -> Result<(), MapError> {
+        let Some(rules) = self.mapping.messages.get(&m.prefix) else {
+            return Ok(());
+        };
+        let ops = super::events::parse_operations(&m.content, rules, lsn).map_err(|e| {
+            MapError::Refused {
+                origin: format!("the message with prefix {}", m.prefix),
+                lsn,
+                why: e.0,
+                text: m.content.clone(),
+            }
+        })?;
+        out.extend(ops);
+        Ok(())
+    }
+
+    fn map_outbox(
+        &self,
+        change: &Change,
+        target: &super::events::OutboxTarget,
+        lsn: Lsn,
+        out: &mut Vec<GraphOp>,
+    ) -> Result<(), MapError> {
+        // Only inserts are events; an outbox row deleted right after (the
+        // usual pattern), or updated, changes nothing.
+        if change.op != Op::Insert {
+            return Ok(());
+        }
+        let rel = &change.relation;
+        let new: &[Field] = change.new.as_deref().unwrap_or(&[]);
+        let table = rel.qualified_name();
+        let refused = |why: String, text: String| MapError::Refused {
+            origin: format!("a row inserted into {table}"),
+            lsn,
+            why,
+            text,
+        };
+        let payload = match column(rel, new, &target.column)? {
+            Field::Value(Value::Json(s) | Value::Text(s)) => Some(s.as_str()),
+            Field::Value(Value::Null) => None,
+            Field::Value(v) => {
+                return Err(refused(
+                    format!(
+                        "its column {} holds {}, not JSON text",
+                        target.column,
+                        v.to_plain_json()
+                    ),
+                    String::new(),
+                ))
+            }
+            Field::Unchanged => None,
+        };
+        let aggregate = match &target.aggregate {
+            Some((type_col, id_col)) => {
+                // A row without an aggregate type carries an operation.
+                match column(rel, new, type_col)? {
+                    Field::Value(Value::Text(label)) => {
+                        let id = match column(rel, new, id_col)? {
+                            Field::Value(v) => v.clone(),
+                            Field::Unchanged => Value::Null,
+                        };
+                        Some((label.as_str(), id))
+                    }
+                    Field::Value(Value::Null) | Field::Unchanged => None,
+                    Field::Value(v) => {
+                        return Err(refused(
+                            format!(
+                                "its column {type_col} holds {}, not a label",
+                                v.to_plain_json()
+                            ),
+                            payload.unwrap_or_default().to_string(),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let ops = super::events::outbox_operations(target, payload, aggregate, lsn)
+            .map_err(|e| refused(e.0, payload.unwrap_or_default().to_string()))?;
+        out.extend(ops);
+        Ok(())
+    }
+
     /// Appends the operations for one change to `out`.
     pub fn map_change(
         &self,
@@ -341,6 +450,11 @@ impl Mapper {
         out: &mut Vec<GraphOp>,
     ) -> Result<(), MapError> {
         let rel = &change.relation;
+        if !self.mapping.outbox.is_empty() {
+            if let Some(o) = self.mapping.outbox.get(&rel.qualified_name()) {
+                return self.map_outbox(change, o, lsn, out);
+            }
+        }
         let Some(target) = self.mapping.tables.get(&rel.qualified_name()) else {
             // Not mapped, unless it is a mapped table under a new name:
             // its changes must not be dropped while the checkpoint moves on.

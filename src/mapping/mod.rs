@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub use crate::config::{EndpointMapping, NodeMapping, RelationshipMapping};
 pub use crate::source::catalog::{Catalog, TableInfo};
 
+pub mod events;
 pub mod infer;
 pub mod map;
 
@@ -51,6 +52,8 @@ pub struct NodeTarget {
     /// Without an `include` list the properties follow the table's columns
     /// as they are now (see [`Follow`]); `None` with one.
     pub follow: Option<Follow>,
+    /// Every version is kept as a `(:LabelVersion)` (`history = true`).
+    pub history: bool,
 }
 
 /// How a `[[node]]` without an `include` list maps the columns a table has
@@ -162,8 +165,15 @@ pub struct Mapping {
     /// Targets by schema-qualified table name.
     pub tables: HashMap<String, TableTarget>,
     /// The mapped tables' names by OID, as the catalog had them: a change
-    /// that arrives under another name is a renamed mapped table.
+    /// that arrives under another name is a renamed mapped table. Outbox
+    /// tables are among them.
     pub oids: HashMap<u32, String>,
+    /// `[[messages]]` rules by prefix.
+    pub messages: HashMap<String, events::Rules>,
+    /// `[[outbox]]` tables by schema-qualified name.
+    pub outbox: HashMap<String, events::OutboxTarget>,
+    /// The keys of labels only messages and outbox rows write.
+    pub event_keys: std::collections::BTreeMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 impl Mapping {
@@ -174,12 +184,40 @@ impl Mapping {
         v
     }
 
-    /// Every (label, key properties) pair, for uniqueness constraints.
+    /// The tables the publication must contain: the mapped ones and the
+    /// outbox tables, sorted.
+    pub fn published_tables(&self) -> Vec<String> {
+        let mut v = self.table_names();
+        v.extend(self.outbox.keys().cloned());
+        v.sort();
+        v
+    }
+
+    /// Every (label, key properties) pair, for uniqueness constraints:
+    /// the mapped labels and those only messages and outbox rows write.
     pub fn node_keys(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
         let mut v: Vec<_> = self
             .tables
             .values()
             .filter_map(|t| t.node.as_ref())
+            .map(|n| (Arc::clone(&n.label), n.key_props.clone()))
+            .chain(
+                self.event_keys
+                    .iter()
+                    .map(|(l, k)| (Arc::clone(l), k.clone())),
+            )
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The labels whose versions are kept, with their key properties.
+    pub fn history_keys(&self) -> Vec<(Arc<str>, Vec<Arc<str>>)> {
+        let mut v: Vec<_> = self
+            .tables
+            .values()
+            .filter_map(|t| t.node.as_ref())
+            .filter(|n| n.history)
             .map(|n| (Arc::clone(&n.label), n.key_props.clone()))
             .collect();
         v.sort();
@@ -336,6 +374,28 @@ fn is_unique(info: &TableInfo, cols: &[String]) -> bool {
         .any(|u| !u.is_empty() && u.iter().all(|c| set.contains(c)))
 }
 
+/// Compiles and checks the whole mapping of a configuration against the
+/// catalog: tables, messages and outbox tables.
+pub fn compile_config(
+    cfg: &crate::config::Config,
+    catalog: &Catalog,
+) -> Result<Mapping, MappingError> {
+    let mut m = compile(&cfg.nodes, &cfg.relationships, catalog)?;
+    let (messages, outbox, keys) =
+        events::compile_events(&cfg.messages, &cfg.outbox, &m.tables, catalog)?;
+    for table in outbox.keys() {
+        if let Some(info) = catalog.get(table) {
+            if info.oid != 0 {
+                m.oids.insert(info.oid, table.clone());
+            }
+        }
+    }
+    m.messages = messages;
+    m.outbox = outbox;
+    m.event_keys = keys;
+    Ok(m)
+}
+
 /// Compiles and checks the mapping against the catalog.
 pub fn compile(
     nodes: &[NodeMapping],
@@ -351,6 +411,25 @@ pub fn compile(
             "the mapping is empty: add [[node]] or [[relationship]] sections to the configuration"
                 .into(),
         );
+    }
+    let versions: HashSet<String> = nodes
+        .iter()
+        .filter(|n| n.history)
+        .map(|n| events::version_label(&n.label))
+        .collect();
+    if let Some(n) = nodes.iter().find(|n| versions.contains(&n.label)) {
+        return err(format!(
+            "the label {} is the label of another label's versions (history = true); choose another",
+            n.label
+        ));
+    }
+    if !versions.is_empty() {
+        if let Some(r) = relationships.iter().find(|r| r.rel_type == "VERSION") {
+            return err(format!(
+                "the relationship type VERSION of {} is the one history links versions with; choose another",
+                r.table
+            ));
+        }
     }
     for n in nodes {
         let info = table_info(catalog, &n.table)?;
@@ -427,6 +506,7 @@ pub fn compile(
                 exclude: n.exclude.clone(),
                 rename: n.rename.clone(),
             }),
+            history: n.history,
         };
         labels.insert(n.label.clone(), target.clone());
         label_tables.insert(n.label.clone(), &n.table);

@@ -17,7 +17,7 @@ use crate::source::catalog::PgClient;
 use crate::transactions::{LogicalMessage, TxnHeader};
 
 /// The prefix of walgraph's heartbeat messages.
-pub const PREFIX: &str = "walgraph_heartbeat";
+pub const PREFIX: &str = crate::config::HEARTBEAT_PREFIX;
 
 /// How long a heartbeat may take before another is sent.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);

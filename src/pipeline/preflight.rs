@@ -56,9 +56,10 @@ pub async fn compile_mapping_as(
         .iter()
         .map(|n| n.table.clone())
         .chain(cfg.relationships.iter().map(|r| r.table.clone()))
+        .chain(cfg.outbox.iter().map(|o| o.table.clone()))
         .collect();
     let catalog = pg.catalog_as(&tables, gencols).await?;
-    Ok(mapping::compile(&cfg.nodes, &cfg.relationships, &catalog)?)
+    Ok(mapping::compile_config(cfg, &catalog)?)
 }
 
 /// Checks the world before streaming: `wal_level`, the mapping against the
@@ -124,7 +125,7 @@ async fn prepare_checks(
         }
         Some(have) => {
             let missing: Vec<String> = mapping
-                .table_names()
+                .published_tables()
                 .into_iter()
                 .filter(|t| !have.contains(t))
                 .collect();

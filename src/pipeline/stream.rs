@@ -26,10 +26,10 @@ use super::preflight::Prepared;
 use super::replay::ReplayRange;
 use super::writer::{sink_task, SinkEvent};
 use super::RunError;
-use crate::batch::{Batch, Batcher};
-use crate::config::Config;
+use crate::batch::{Batch, Batcher, DeadLetter};
+use crate::config::{Config, OnError};
 use crate::lsn::{Checkpoint, Lsn};
-use crate::mapping::map::Mapper;
+use crate::mapping::map::{MapError, Mapper};
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
@@ -135,7 +135,8 @@ pub(super) async fn stream_once(
 
     let mapper = Mapper::new(Arc::clone(&p.mapping));
     let mut assembler = Assembler::with_spill(cfg.postgres.spill());
-    let mut batcher = Batcher::starting_at(checkpoint.lsn);
+    let mut batcher = Batcher::starting_at(checkpoint.lsn).with_history(&p.mapping);
+    let on_error = cfg.neo4j.on_error;
     let mut flushed = checkpoint.lsn;
     let mut open: Option<OpenTxn> = None;
     let mut wal_start = Lsn::ZERO;
@@ -161,7 +162,7 @@ pub(super) async fn stream_once(
         _ => None,
     };
 
-    let result: Result<(), RunError> = loop {
+    let result: Result<(), RunError> = 'stream: loop {
         let pending = assembler.has_parts();
         let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
         let owed = !followups.is_empty() || backfill.as_ref().is_some_and(|b| !b.is_done());
@@ -281,7 +282,7 @@ pub(super) async fn stream_once(
                         }
                         _ => {}
                     }
-                    if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher)? {
+                    if take_part(part, &checkpoint, limit, &mut open, &mapper, &mut batcher, on_error)? {
                         past_end = true;
                         break;
                     }
@@ -297,6 +298,25 @@ pub(super) async fn stream_once(
                     server_wal_end = server_wal_end.max(wal_end);
                     metrics.server_wal_lsn.store(server_wal_end.raw(), Ordering::Relaxed);
                     assembler.push(&data).map_err(|source| RunError::Stream { lsn: start, source })?;
+                    for (lsn, m) in assembler.take_loose_messages() {
+                        if !mapper.takes_messages(&m.prefix) || lsn <= checkpoint.lsn {
+                            continue;
+                        }
+                        let refused = MapError::Refused {
+                            origin: format!("the non-transactional message with prefix {}", m.prefix),
+                            lsn,
+                            why: "walgraph applies only transactional messages (pg_logical_emit_message(true, …)), which commit or roll back with their transaction".into(),
+                            text: m.content,
+                        };
+                        if on_error == OnError::Stop {
+                            break 'stream Err(refused.into());
+                        }
+                        tracing::error!(%lsn, prefix = %m.prefix, "a non-transactional message is refused (walgraph applies only transactional ones); recording it as a dead letter");
+                        batcher.dead_letter(dead_letter(refused));
+                        if deadline.is_none() {
+                            deadline = Some(Instant::now() + cfg.batch.max_delay);
+                        }
+                    }
                     for r in assembler.take_rollbacks() {
                         metrics.streamed_rollbacks.fetch_add(1, Ordering::Relaxed);
                         let at = r.abort.map_or_else(|| format!("near {start}"), |(lsn, t)| {
@@ -445,6 +465,58 @@ struct OpenTxn {
     index: u64,
 }
 
+/// A refused operation as a dead letter.
+fn dead_letter(e: MapError) -> DeadLetter {
+    let (origin, lsn, why, text) = match e {
+        MapError::Refused {
+            origin,
+            lsn,
+            why,
+            text,
+        } => (origin, Some(lsn), why, text),
+        other => (String::new(), None, other.to_string(), String::new()),
+    };
+    DeadLetter {
+        table: origin,
+        key: String::new(),
+        lsn,
+        operation: text,
+        error: why,
+    }
+}
+
+/// A refused message or outbox row stops the stream, or with
+/// `neo4j.on_error = "dead_letter"` is recorded with the batch (and
+/// applies nothing); any other mapping error stops it.
+fn refuse_or_stop(
+    mapped: Result<(), MapError>,
+    on_error: OnError,
+    batcher: &mut Batcher,
+    ops: &mut Vec<crate::mapping::map::GraphOp>,
+) -> Result<(), RunError> {
+    match mapped {
+        Ok(()) => Ok(()),
+        Err(MapError::Refused {
+            origin,
+            lsn,
+            why,
+            text,
+        }) if on_error == OnError::DeadLetter => {
+            tracing::error!(%lsn, "{origin} is refused: {why}; recording it as a dead letter");
+            let e = MapError::Refused {
+                origin,
+                lsn,
+                why,
+                text,
+            };
+            ops.clear();
+            batcher.dead_letter(dead_letter(e));
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Maps one part of a transaction into the batcher, skipping what the
 /// checkpoint says is applied already.
 fn take_part(
@@ -454,6 +526,7 @@ fn take_part(
     open: &mut Option<OpenTxn>,
     mapper: &Mapper,
     batcher: &mut Batcher,
+    on_error: OnError,
 ) -> Result<bool, RunError> {
     match part {
         TxnPart::Begin(h) if limit.is_some_and(|to| h.end_lsn > to) => return Ok(true),
@@ -468,6 +541,7 @@ fn take_part(
                 }
                 Some(_) => {}
             }
+            batcher.note_commit_time(h.commit_lsn, h.commit_time);
             *open = Some(OpenTxn {
                 commit_lsn: h.commit_lsn,
                 end_lsn: h.end_lsn,
@@ -484,11 +558,37 @@ fn take_part(
                 return Ok(false);
             }
             let mut ops = Vec::new();
-            mapper.map_change(&c, t.commit_lsn, &mut ops)?;
+            refuse_or_stop(
+                mapper.map_change(&c, t.commit_lsn, &mut ops),
+                on_error,
+                batcher,
+                &mut ops,
+            )?;
             batcher.push_partial(ops, t.end_lsn, t.index);
             batcher.note_change(c.relation.oid, c.op, || c.relation.qualified_name());
         }
-        TxnPart::Message(_) => {}
+        TxnPart::Message(m) => {
+            // Messages of a [[messages]] prefix count with the changes: a
+            // transaction resumed in part skips them the same way.
+            if !mapper.takes_messages(&m.prefix) {
+                return Ok(false);
+            }
+            let t = open.as_mut().ok_or_else(|| {
+                RunError::NotReady("a message arrived outside a transaction".into())
+            })?;
+            t.index += 1;
+            if t.applied.is_none_or(|n| t.index <= n) {
+                return Ok(false);
+            }
+            let mut ops = Vec::new();
+            refuse_or_stop(
+                mapper.map_message(&m, t.commit_lsn, &mut ops),
+                on_error,
+                batcher,
+                &mut ops,
+            )?;
+            batcher.push_partial(ops, t.end_lsn, t.index);
+        }
         TxnPart::Commit(h) => {
             if let Some(t) = open.take() {
                 if let Some(applied) = t.applied {

@@ -74,7 +74,8 @@ pub(super) async fn sink_task(
             continue;
         };
         let mut attempt = 0u32;
-        let mut dead: Vec<DeadLetter> = Vec::new();
+        // What the stream refused (bad operations) goes with the batch.
+        let mut dead: Vec<DeadLetter> = std::mem::take(&mut batch.dead);
         loop {
             let attempt_started = std::time::Instant::now();
             match sink.apply(&batch, &dead).await {

@@ -145,22 +145,7 @@ impl SinkError {
     }
 }
 
-/// A change Neo4j rejected for good, recorded instead of applied
-/// (`neo4j.on_error = "dead_letter"`), in the same transaction as the rest
-/// of its batch.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// The source table.
-    pub table: String,
-    /// The row's key values.
-    pub key: String,
-    /// The commit LSN of the change.
-    pub lsn: Option<Lsn>,
-    /// What walgraph tried (the operation, as text).
-    pub operation: String,
-    /// Neo4j's error.
-    pub error: String,
-}
+pub use crate::batch::DeadLetter;
 
 /// A connection pool to Neo4j for one slot's checkpoint.
 #[derive(Clone)]
@@ -377,22 +362,22 @@ impl Sink {
             let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
             for (gi, group) in batch.plan.iter().enumerate() {
                 for (oi, op) in group.iter().enumerate() {
-                    let Some(st) = crate::batch::render_plan(&[vec![op.clone()]], mapping)
-                        .into_iter()
-                        .next()
-                    else {
-                        continue;
-                    };
-                    let q = query(&st.cypher).param("rows", BoltType::List(st.rows));
-                    if let Err(e) = txn.run(q).await {
-                        let e = self.err(e);
-                        let _ = txn.rollback().await;
-                        return match e {
-                            SinkError::Rejected(msg)
-                            | SinkError::Database(msg)
-                            | SinkError::Unencodable(msg) => Ok(Some((gi, oi, msg))),
-                            other => Err(other),
-                        };
+                    for st in crate::batch::render::render_plan_at(
+                        &[vec![op.clone()]],
+                        mapping,
+                        &batch.times,
+                    ) {
+                        let q = query(&st.cypher).param("rows", BoltType::List(st.rows));
+                        if let Err(e) = txn.run(q).await {
+                            let e = self.err(e);
+                            let _ = txn.rollback().await;
+                            return match e {
+                                SinkError::Rejected(msg)
+                                | SinkError::Database(msg)
+                                | SinkError::Unencodable(msg) => Ok(Some((gi, oi, msg))),
+                                other => Err(other),
+                            };
+                        }
                     }
                 }
             }

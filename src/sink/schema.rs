@@ -45,6 +45,18 @@ impl Sink {
             );
             wanted.push((name, q));
         }
+        for (label, props) in mapping.history_keys() {
+            let version = crate::mapping::events::version_label(&label);
+            let name = format!("walgraph_{version}_key");
+            let cols: Vec<String> = props.iter().map(|p| format!("v.{}", quote(p))).collect();
+            let q = format!(
+                "CREATE INDEX {} IF NOT EXISTS FOR (v:{}) ON ({})",
+                quote(&name),
+                quote(&version),
+                cols.join(", ")
+            );
+            wanted.push((name, q));
+        }
         for (rel_type, cols) in mapping.edge_keys() {
             let name = format!("walgraph_{rel_type}_key");
             let cols: Vec<String> = cols.iter().map(|p| format!("r.{}", quote(p))).collect();
@@ -142,6 +154,9 @@ impl Sink {
             "SHOW INDEXES YIELD labelsOrTypes, properties, type, entityType \
              WHERE type = 'RANGE' AND entityType = 'RELATIONSHIP' \
              RETURN 'relationship' AS kind, labelsOrTypes, properties",
+            "SHOW INDEXES YIELD labelsOrTypes, properties, type, entityType, owningConstraint \
+             WHERE type = 'RANGE' AND entityType = 'NODE' AND owningConstraint IS NULL \
+             RETURN 'node index' AS kind, labelsOrTypes, properties",
         ] {
             for row in self.fetch("reading constraints", query(q)).await? {
                 let kind: String = row.get("kind").unwrap_or_default();
@@ -163,6 +178,13 @@ impl Sink {
                     "a uniqueness constraint on {label}({})",
                     props.join(", ")
                 ));
+            }
+        }
+        for (label, props) in mapping.history_keys() {
+            let version = crate::mapping::events::version_label(&label);
+            let props: Vec<String> = props.iter().map(|p| p.to_string()).collect();
+            if lacks("node index", &version, &props) {
+                missing.push(format!("an index on {version}({})", props.join(", ")));
             }
         }
         for (rel_type, props) in mapping.edge_keys() {

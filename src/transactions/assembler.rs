@@ -36,12 +36,12 @@ trait Parts {
 
 impl Parts for Building {
     fn change(&mut self, c: Change) -> Result<(), AssembleError> {
-        self.changes.push(c);
+        self.parts.push(TxnPart::Change(c));
         Ok(())
     }
 
     fn message(&mut self, m: LogicalMessage) -> Result<(), AssembleError> {
-        self.messages.push(m);
+        self.parts.push(TxnPart::Message(m));
         Ok(())
     }
 
@@ -71,8 +71,8 @@ impl Parts for Collect<'_> {
 struct Building {
     xid: Xid,
     origin: Option<String>,
-    changes: Vec<Change>,
-    messages: Vec<LogicalMessage>,
+    /// Changes and messages, in the order the server sent them.
+    parts: Vec<TxnPart>,
 }
 
 impl Building {
@@ -80,8 +80,7 @@ impl Building {
         Building {
             xid,
             origin: None,
-            changes: Vec::new(),
-            messages: Vec::new(),
+            parts: Vec::new(),
         }
     }
 
@@ -95,8 +94,7 @@ impl Building {
             origin: self.origin,
         };
         out.push_back(TxnPart::Begin(header.clone()));
-        out.extend(self.changes.into_iter().map(TxnPart::Change));
-        out.extend(self.messages.into_iter().map(TxnPart::Message));
+        out.extend(self.parts);
         out.push_back(TxnPart::Commit(header));
     }
 }
@@ -178,6 +176,9 @@ pub struct Assembler {
     /// Streamed transactions that rolled back, not yet taken (see
     /// [`Assembler::take_rollbacks`]).
     rollbacks: Vec<StreamRollback>,
+    /// Non-transactional logical messages with their LSNs, not yet taken
+    /// (see [`Assembler::take_loose_messages`]).
+    loose: Vec<(Lsn, LogicalMessage)>,
 }
 
 impl Assembler {
@@ -201,6 +202,13 @@ impl Assembler {
     /// is the Relation that uses them.
     pub fn take_new_types(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.new_types)
+    }
+
+    /// Non-transactional logical messages (`pg_logical_emit_message(false,
+    /// …)`) since the last call, with their LSNs: they belong to no
+    /// transaction, so they are not among any transaction's parts.
+    pub fn take_loose_messages(&mut self) -> Vec<(Lsn, LogicalMessage)> {
+        std::mem::take(&mut self.loose)
     }
 
     /// Streamed transactions that rolled back since the last call.
@@ -427,6 +435,19 @@ impl Assembler {
             PgOutputMessage::RollbackPrepared { gid, .. } => {
                 self.prepared.remove(&gid);
             }
+            PgOutputMessage::Message {
+                transactional: false,
+                lsn,
+                prefix,
+                content,
+                ..
+            } => self.loose.push((
+                lsn,
+                LogicalMessage {
+                    prefix,
+                    content: String::from_utf8_lossy(&content).into_owned(),
+                },
+            )),
             other => apply_data(
                 &mut self.cache,
                 self.current.as_mut().map(|b| b as &mut dyn Parts),

@@ -308,3 +308,56 @@ fn a_prepared_transaction_waits_for_its_commit_and_a_rolled_back_one_vanishes() 
         "{err}"
     );
 }
+
+#[test]
+fn a_transaction_s_messages_keep_their_place_among_its_changes() {
+    let message = |content: &str| PgOutputMessage::Message {
+        xid: None,
+        transactional: true,
+        lsn: Lsn::new(50),
+        prefix: "walgraph".into(),
+        content: Bytes::from(content.to_string()),
+    };
+    let mut a = Assembler::new();
+    let msgs = vec![
+        PgOutputMessage::Begin {
+            final_lsn: Lsn::new(100),
+            commit_time: 0,
+            xid: 5,
+        },
+        relation(None),
+        insert(None, 1),
+        message("between"),
+        insert(None, 2),
+        message("last"),
+        PgOutputMessage::Commit {
+            flags: 0,
+            commit_lsn: Lsn::new(100),
+            end_lsn: Lsn::new(120),
+            commit_time: 0,
+        },
+    ];
+    let mut parts = Vec::new();
+    for m in msgs {
+        a.push(&encode_message(&m, false)).unwrap();
+        while let Some(p) = a.next_part().unwrap() {
+            parts.push(match p {
+                TxnPart::Begin(_) => "begin".to_string(),
+                TxnPart::Change(c) => format!("{:?}", c.new.unwrap()[0]),
+                TxnPart::Message(m) => m.content,
+                TxnPart::Commit(_) => "commit".to_string(),
+            });
+        }
+    }
+    assert_eq!(
+        parts,
+        [
+            "begin",
+            "Value(Int(1))",
+            "between",
+            "Value(Int(2))",
+            "last",
+            "commit"
+        ]
+    );
+}

@@ -589,7 +589,7 @@ impl Fixture {
             .graph
             .run(
                 query(
-                    "MATCH (n) WHERE (n:WalgraphCheckpoint OR n:WalgraphSnapshot OR n:WalgraphTable) AND n.slot = $slot DETACH DELETE n",
+                    "MATCH (n) WHERE (n:WalgraphCheckpoint OR n:WalgraphSnapshot OR n:WalgraphTable OR n:WalgraphDeadLetter) AND n.slot = $slot DETACH DELETE n",
                 )
                 .param("slot", slot.as_str()),
             )
