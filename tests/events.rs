@@ -26,6 +26,20 @@ async fn caught_up(fx: &Fixture) -> Lsn {
     .await
 }
 
+impl Fixture {
+    /// Postgres' clock, in microseconds since the Unix epoch.
+    async fn pg_now(&self) -> i64 {
+        self.pg
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                &[],
+            )
+            .await
+            .expect("clock")
+            .get(0)
+    }
+}
+
 /// Waits for an in-process run to fail and returns its sentence.
 async fn failure(run: crate::support::Running) -> String {
     match tokio::time::timeout(Duration::from_secs(60), run.handle).await {
@@ -499,7 +513,14 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
     let _shared = SERVICES.read().await;
     let mut fx = Fixture::new(HISTORY_DDL, HISTORY_MAPPING).await;
     fx.config.postgres.replay_window_mib = 4096;
+    // A row there before walgraph: the snapshot makes its first version,
+    // valid from when it was copied.
+    fx.sql("INSERT INTO {s}.items VALUES (3, 3, 'before')")
+        .await;
     fx.setup().await;
+    let copied_after = fx.pg_now().await;
+    crate::backfill::take_snapshot(&fx.config).await;
+    let copied_before = fx.pg_now().await;
     let run = fx.start();
     let from = fx.wal_lsn().await;
     fx.sql("INSERT INTO {s}.items VALUES (1, 0, 'first'), (2, 0, 'other')")
@@ -620,8 +641,24 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
         .await;
     assert_eq!(
         count,
-        vec![json!({"n": states.len() + 1})],
-        "item 2 has one version"
+        vec![json!({"n": states.len() + 2})],
+        "items 2 and 3 have one version each"
+    );
+    let snapped = fx
+        .cypher(
+            "MATCH (:{p}Item {id: 3})-[:VERSION]->(v) RETURN v.n AS n, v.validTo IS NULL AS open, \
+             v.validFrom.epochMillis * 1000 + v.validFrom.microsecond % 1000 AS from",
+        )
+        .await;
+    assert_eq!(snapped.len(), 1, "{snapped:?}");
+    assert_eq!(
+        (snapped[0]["n"].clone(), snapped[0]["open"].clone()),
+        (json!(3), json!(true))
+    );
+    let from = snapped[0]["from"].as_i64().unwrap_or(0);
+    assert!(
+        from >= copied_after && from <= copied_before,
+        "the snapshot's version starts when it was copied: {from} in [{copied_after}, {copied_before}]"
     );
     // Reconcile checks the current state only.
     let out = fx
@@ -633,5 +670,40 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A TRUNCATE closes every open version at its commit.
+    let run = fx.start();
+    fx.sql(
+        "BEGIN; TRUNCATE {s}.items; INSERT INTO {s}.audit (item, op) VALUES (0, 'TRUNCATE'); COMMIT;",
+    )
+    .await;
+    caught_up(&fx).await;
+    run.stop().await;
+    let at: i64 = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xid::text::xid)) * 1000000)::bigint FROM {}.audit WHERE op = 'TRUNCATE'",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("the truncate's commit")
+        .get(0);
+    let closed = fx
+        .cypher(
+            "MATCH (v:{p}ItemVersion) WITH v, v.validTo.epochMillis * 1000 + v.validTo.microsecond % 1000 AS to \
+             RETURN count(v.validTo) = count(v) AS all_closed, count(CASE WHEN to = $at THEN 1 END) AS at_truncate"
+                .replace("$at", &at.to_string())
+                .as_str(),
+        )
+        .await;
+    assert_eq!(
+        closed,
+        vec![json!({"all_closed": true, "at_truncate": 3})],
+        "items 1, 2 and 3 closed at the TRUNCATE's commit"
+    );
+    assert!(fx.cypher("MATCH (i:{p}Item) RETURN i").await.is_empty());
     fx.cleanup().await;
 }

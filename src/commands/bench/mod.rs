@@ -95,6 +95,11 @@ pub struct BenchOptions {
     /// (its rows/s, and the stream's latency meanwhile).
     #[arg(long)]
     pub backfill: Option<u64>,
+    /// Also measure logical messages as graph writes: this many
+    /// `pg_logical_emit_message` calls (one merge_node each, in transactions
+    /// of `--changes-per-txn`), drained with the null sink and into Neo4j.
+    #[arg(long)]
+    pub messages: Option<u64>,
     /// Skip measurements, comma-separated: recvlogical, null, drain,
     /// per-change, prebuilt, steady.
     #[arg(long, value_delimiter = ',')]
@@ -423,6 +428,11 @@ impl Bench {
             self.ensure_constraints(&cfg).await?;
             let m = self.prebuilt(&cfg, total).await?;
             report.measurements.push(m);
+        }
+        if let Some(n) = opts.messages.filter(|n| *n > 0) {
+            for m in self.messages(n).await? {
+                report.measurements.push(m);
+            }
         }
         if !skipped(opts, "steady") && !opts.delays.is_empty() {
             let best = report

@@ -11,7 +11,9 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncReadExt;
 
 use super::child::{find_pg_binary, metric, proc_stats, scrape, stop_child, tail, wait_ready};
-use super::{child_toml, Bench, Measurement, Phase, PUBLICATION, SCHEMA, SLOT_PREFIX};
+use super::{
+    child_toml, Bench, Measurement, Phase, LABEL_PREFIX, PUBLICATION, SCHEMA, SLOT_PREFIX,
+};
 use crate::batch::{Batch, Batcher};
 use crate::config::Config;
 use crate::mapping::map::Mapper;
@@ -195,6 +197,65 @@ impl Bench {
             .spawn()
             .context("cannot start walgraph run")?;
         Ok((child, addr, log))
+    }
+
+    /// Logical messages as graph writes: `n` messages, each a merge_node
+    /// of one event with a value and the workload's payload, in
+    /// transactions of `--changes-per-txn`, drained by `run` with the null
+    /// sink and into Neo4j (max_changes 5000).
+    pub(super) async fn messages(&self, n: u64) -> anyhow::Result<Vec<Measurement>> {
+        const PREFIX: &str = "walgraph_bench";
+        let label = format!("{LABEL_PREFIX}MsgEvent");
+        let extra = format!("[[messages]]\nprefix = \"{PREFIX}\"\nlabels = [\"{label}\"]\n");
+        let sections = Config::parse(&extra).map_err(|e| anyhow::anyhow!(e))?;
+        for slot in ["msg_null", "msg_e2e"] {
+            self.create_slot(slot).await?;
+        }
+        eprintln!(
+            "bench: writing {n} logical messages in transactions of {}",
+            self.opts.changes_per_txn
+        );
+        let payload = "x".repeat(self.opts.width);
+        let per_txn = self.opts.changes_per_txn.max(1);
+        let mut done = 0u64;
+        while done < n {
+            let to = (done + per_txn).min(n);
+            self.client()
+                .execute(
+                    "SELECT count(pg_logical_emit_message(true, $1, json_build_object('op', 'merge_node', 'label', $2::text, \
+                     'key', json_build_object('id', g), 'properties', json_build_object('val', g, 'payload', $3::text))::text)) \
+                     FROM generate_series($4::bigint, $5::bigint) g",
+                    &[&PREFIX, &label, &payload, &((done + 1) as i64), &(to as i64)],
+                )
+                .await?;
+            done = to;
+        }
+        let mut out = Vec::new();
+        for (slot, tag, null) in [("msg_null", "MsgNull", true), ("msg_e2e", "MsgE2e", false)] {
+            let mut phase = self.phase_config(slot, tag, 5000, Duration::from_millis(100))?;
+            phase.cfg.messages = sections.messages.clone();
+            phase.extra_mapping = extra.clone();
+            if !null {
+                self.ensure_constraints(&phase).await?;
+            }
+            eprintln!(
+                "bench: walgraph, {n} messages {}",
+                if null {
+                    "with the null sink"
+                } else {
+                    "into Neo4j"
+                }
+            );
+            let mut m = self.drain_child(&phase, null, n, None).await?;
+            m.name = if null {
+                "messages, null sink".into()
+            } else {
+                "messages end to end".into()
+            };
+            m.settings = "max_changes 5000".into();
+            out.push(m);
+        }
+        Ok(out)
     }
 
     /// Reads the slot into batches, then times writing them to Neo4j one

@@ -105,6 +105,14 @@ pub(super) fn ratios(ms: &[Measurement]) -> Vec<(String, f64)> {
         "end to end (best) / pre-built batches",
         e2e / rate("pre-built batches to Neo4j"),
     );
+    add(
+        "messages end to end / row changes end to end (best)",
+        rate("messages end to end") / e2e,
+    );
+    add(
+        "messages, null sink / row changes, null sink",
+        rate("messages, null sink") / rate("walgraph, null sink"),
+    );
     out
 }
 
