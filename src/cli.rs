@@ -169,7 +169,7 @@ pub enum Command {
     /// Runs a generated workload against pg_recvlogical, one Neo4j transaction per change and
     /// pre-built batches, in its own schema, slots and labels (removed at
     /// the end). Uses the configured connections; ignores the mapping.
-    Bench(commands::bench::BenchOptions),
+    Bench(Box<commands::bench::BenchOptions>),
     /// Work with the mapping.
     Mapping {
         /// What to do.
