@@ -124,6 +124,15 @@ async fn messages_are_graph_writes_in_stream_order_with_their_transaction() {
         )),
     ))
     .await;
+    // The operations of one message keep their order too.
+    fx.sql(&emit(
+        &p,
+        &format!(
+            r#"[{{"op": "delete_node", "label": "{p}Event", "key": {{"uid": "e2"}}}},
+                {{"op": "merge_node", "label": "{p}Event", "key": {{"uid": "e2"}}, "properties": {{"v": 3}}}}]"#
+        ),
+    ))
+    .await;
     // Messages with another prefix (another application's, or walgraph's
     // own heartbeats) are not operations.
     fx.sql(&format!(
@@ -138,7 +147,7 @@ async fn messages_are_graph_writes_in_stream_order_with_their_transaction() {
         events,
         vec![
             json!({"uid": "e1", "v": null}),
-            json!({"uid": "e2", "v": 2})
+            json!({"uid": "e2", "v": 3})
         ]
     );
     let customers = fx
@@ -513,6 +522,7 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
     let _shared = SERVICES.read().await;
     let mut fx = Fixture::new(HISTORY_DDL, HISTORY_MAPPING).await;
     fx.config.postgres.replay_window_mib = 4096;
+    fx.config.batch.max_changes = 50;
     // A row there before walgraph: the snapshot makes its first version,
     // valid from when it was copied.
     fx.sql("INSERT INTO {s}.items VALUES (3, 3, 'before')")
@@ -541,57 +551,35 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
     }
     fx.sql("DELETE FROM {s}.items WHERE id = 1").await;
     fx.sql("INSERT INTO {s}.items VALUES (1, 7, 'again')").await;
+    // Item 2, in transactions that write it more than once, across
+    // segments and batches (100 other rows between, batches of 50): one
+    // version each, with the state at commit, or none where it ends deleted.
+    fx.sql(
+        "BEGIN; UPDATE {s}.items SET n = 10 WHERE id = 2; DELETE FROM {s}.items WHERE id = 2;
+         INSERT INTO {s}.items VALUES (2, 11, 'x');
+         INSERT INTO {s}.items SELECT g, g, 'filler' FROM generate_series(1000, 1099) g;
+         UPDATE {s}.items SET n = 12 WHERE id = 2; COMMIT;",
+    )
+    .await;
+    fx.sql(
+        "BEGIN; UPDATE {s}.items SET n = 13 WHERE id = 2; DELETE FROM {s}.items WHERE id = 2;
+         DELETE FROM {s}.items WHERE id >= 1000; COMMIT;",
+    )
+    .await;
+    fx.sql("INSERT INTO {s}.items VALUES (2, 14, 'y')").await;
     caught_up(&fx).await;
     run.stop().await;
-
-    // Postgres' audit: the state at each commit, with the commit's time.
-    let audit = fx
-        .pg
-        .query(
-            &format!(
-                "SELECT DISTINCT ON (xid) op, n, (extract(epoch FROM pg_xact_commit_timestamp(xid::text::xid)) * 1000000)::bigint AS at \
-                 FROM {}.audit WHERE item = 1 ORDER BY xid, seq DESC",
-                fx.schema
-            ),
-            &[],
-        )
-        .await
-        .expect("audit");
-    let audit: Vec<(String, Option<i32>, i64)> = audit
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let chain2 = chain_matches_audit(&fx, 2).await;
     assert_eq!(
-        audit.len() as i64,
-        UPDATES + 3,
-        "insert, updates, delete, insert"
+        chain2, 3,
+        "item 2: its insert, the first transaction, the last insert"
     );
+
+    let states = chain_matches_audit(&fx, 1).await;
+    assert_eq!(states as i64, UPDATES + 2, "insert, updates, insert again");
     let versions = fx
-        .cypher(
-            "MATCH (v:{p}ItemVersion {id: 1}) RETURN v.n AS n, v.note AS note, \
-             v.validFrom.epochMillis * 1000 + v.validFrom.microsecond % 1000 AS from, \
-             v.validTo.epochMillis * 1000 + v.validTo.microsecond % 1000 AS to ORDER BY v._lsn",
-        )
+        .cypher("MATCH (v:{p}ItemVersion {id: 1}) RETURN v.note AS note ORDER BY v._lsn")
         .await;
-    // Every state but the delete is a version; each closes when the next
-    // commit changes the row, the delete closes the last before it.
-    let states: Vec<&(String, Option<i32>, i64)> =
-        audit.iter().filter(|a| a.0 != "DELETE").collect();
-    assert_eq!(versions.len(), states.len(), "one version per transaction");
-    for (i, (v, a)) in versions.iter().zip(&states).enumerate() {
-        assert_eq!(v["n"].as_i64(), a.1.map(i64::from), "version {i}");
-        assert_eq!(
-            v["from"].as_i64(),
-            Some(a.2),
-            "version {i} starts at its commit"
-        );
-        let closed_by = audit.get(audit.iter().position(|x| std::ptr::eq(x, *a)).unwrap_or(0) + 1);
-        assert_eq!(
-            v["to"].as_i64(),
-            closed_by.map(|c| c.2),
-            "version {i} ends at the next commit"
-        );
-    }
     assert_eq!(
         versions[100]["note"],
         json!(null),
@@ -606,9 +594,20 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
     let linked = fx
         .cypher("MATCH (:{p}Item {id: 1})-[:VERSION]->(v) RETURN count(v) AS n")
         .await;
-    assert_eq!(linked, vec![json!({"n": states.len()})]);
+    assert_eq!(linked, vec![json!({"n": states})]);
     // "As of T": the version valid at the 500th update's commit.
-    let t = states[500].2;
+    let t: i64 = fx
+        .pg
+        .query_one(
+            &format!(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xid::text::xid)) * 1000000)::bigint FROM {}.audit WHERE item = 1 AND n = 500",
+                fx.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("the 500th update")
+        .get(0);
     let as_of = fx
         .cypher(&format!(
             "WITH datetime({{epochMillis: {}}}) + duration({{microseconds: {}}}) AS t \
@@ -641,8 +640,8 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
         .await;
     assert_eq!(
         count,
-        vec![json!({"n": states.len() + 2})],
-        "items 2 and 3 have one version each"
+        vec![json!({"n": states + chain2 + 1 + 100})],
+        "item 3 has one version, the hundred others one each"
     );
     let snapped = fx
         .cypher(
@@ -706,4 +705,56 @@ async fn the_version_chain_of_a_row_updated_a_thousand_times_matches_its_audit()
     );
     assert!(fx.cypher("MATCH (i:{p}Item) RETURN i").await.is_empty());
     fx.cleanup().await;
+}
+
+/// Checks the versions of item `id` against the audit: one per transaction
+/// that left the row in place, with its state at commit, valid from that
+/// commit until the next that changed the row; returns how many.
+async fn chain_matches_audit(fx: &Fixture, id: i32) -> usize {
+    // Postgres' audit: the state at each commit, with the commit's time.
+    let audit = fx
+        .pg
+        .query(
+            &format!(
+                "SELECT DISTINCT ON (xid) op, n, (extract(epoch FROM pg_xact_commit_timestamp(xid::text::xid)) * 1000000)::bigint AS at \
+                 FROM {}.audit WHERE item = $1 ORDER BY xid, seq DESC",
+                fx.schema
+            ),
+            &[&id],
+        )
+        .await
+        .expect("audit");
+    let audit: Vec<(String, Option<i32>, i64)> = audit
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let versions = fx
+        .cypher(
+            "MATCH (v:{p}ItemVersion {id: $id}) RETURN v.n AS n, v.note AS note, \
+             v.validFrom.epochMillis * 1000 + v.validFrom.microsecond % 1000 AS from, \
+             v.validTo.epochMillis * 1000 + v.validTo.microsecond % 1000 AS to ORDER BY v._lsn"
+                .replace("$id", &id.to_string())
+                .as_str(),
+        )
+        .await;
+    // Every state but the delete is a version; each closes when the next
+    // commit changes the row, the delete closes the last before it.
+    let states: Vec<&(String, Option<i32>, i64)> =
+        audit.iter().filter(|a| a.0 != "DELETE").collect();
+    assert_eq!(versions.len(), states.len(), "one version per transaction");
+    for (i, (v, a)) in versions.iter().zip(&states).enumerate() {
+        assert_eq!(v["n"].as_i64(), a.1.map(i64::from), "item {id} version {i}");
+        assert_eq!(
+            v["from"].as_i64(),
+            Some(a.2),
+            "version {i} starts at its commit"
+        );
+        let closed_by = audit.get(audit.iter().position(|x| std::ptr::eq(x, *a)).unwrap_or(0) + 1);
+        assert_eq!(
+            v["to"].as_i64(),
+            closed_by.map(|c| c.2),
+            "version {i} ends at the next commit"
+        );
+    }
+    states.len()
 }

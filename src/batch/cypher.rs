@@ -276,43 +276,68 @@ pub fn truncate_type(rel_type: &str) -> String {
 
 /// The versions of a history label's nodes just upserted: rows `{k, lsn,
 /// at}`. Where the node holds this change (its `_lsn` is the row's) and no
-/// version of its key is as new (a replayed batch adds none), the open
-/// version is closed at `at` and a new one made of the node's properties,
-/// valid from `at` (null: now). Versions left by a delete of the key are
-/// linked again.
+/// version of its key is newer (a replay adds none): the version of this
+/// transaction, if an earlier statement of it made one, takes the node's
+/// state now (its state at commit, once the transaction's last statement
+/// ran); else the open version is closed at `at` and a new one made of the
+/// node's properties, valid from `at` (null: now). Versions left by a
+/// delete of the key are linked again.
 pub fn open_versions(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
     let v = quote(&crate::mapping::events::version_label(label));
     let kp = key_pattern(key_props, "k");
     format!(
         "{PREFIX}UNWIND $rows AS row MATCH (n:{l} {kp}){hint} \
-         WHERE n._lsn = row.lsn AND NOT EXISTS {{ MATCH (x:{v} {kp}) WHERE x._lsn >= row.lsn }} \
+         WHERE n._lsn = row.lsn AND NOT EXISTS {{ MATCH (x:{v} {kp}) WHERE x._lsn > row.lsn }} \
          WITH n, row, coalesce(row.at, datetime()) AS at \
-         OPTIONAL MATCH (o:{v} {kp}) WHERE o.validTo IS NULL \
-         WITH n, row, at, collect(o) AS open FOREACH (o IN open | SET o.validTo = at) \
-         WITH n, row, at OPTIONAL MATCH (d:{v} {kp}) WHERE NOT EXISTS {{ (d)<-[:VERSION]-() }} \
-         WITH n, row, at, collect(d) AS left FOREACH (d IN left | MERGE (n)-[:VERSION]->(d)) \
+         OPTIONAL MATCH (s:{v} {kp}) WHERE s._lsn = row.lsn \
+         WITH n, row, at, collect(s) AS same \
+         OPTIONAL MATCH (o:{v} {kp}) WHERE o.validTo IS NULL AND o._lsn < row.lsn \
+         WITH n, row, at, same, collect(o) AS open FOREACH (o IN open | SET o.validTo = at) \
+         WITH n, row, at, same OPTIONAL MATCH (d:{v} {kp}) WHERE NOT EXISTS {{ (d)<-[:VERSION]-() }} \
+         WITH n, row, at, same, collect(d) AS left FOREACH (d IN left | MERGE (n)-[:VERSION]->(d)) \
+         FOREACH (s IN same | SET s = properties(n) SET s.validFrom = at, s._lsn = row.lsn) \
+         WITH n, row, at, same WHERE size(same) = 0 \
          CREATE (n)-[:VERSION]->(v:{v}) SET v = properties(n), v.validFrom = at, v._lsn = row.lsn",
         l = quote(label),
         hint = index_hint("n", label, key_props),
     )
 }
 
-/// Closes the open version of each deleted node: rows `{k, lsn, at}`.
+/// Closes the open version of each deleted node at `at`: rows `{k, lsn,
+/// at}`. A version the same transaction made (its state before the delete
+/// was never seen by anyone else) is removed instead. Nothing happens where
+/// a version of the key is newer than the delete (a replay).
 pub fn close_versions(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    let v = quote(&crate::mapping::events::version_label(label));
+    let kp = key_pattern(key_props, "k");
     format!(
-        "{PREFIX}UNWIND $rows AS row MATCH (o:{} {}) WHERE o.validTo IS NULL AND o._lsn <= row.lsn \
+        "{PREFIX}UNWIND $rows AS row WITH row WHERE NOT EXISTS {{ MATCH (x:{v} {kp}) WHERE x._lsn > row.lsn }} \
+         OPTIONAL MATCH (s:{v} {kp}) WHERE s._lsn = row.lsn \
+         WITH row, collect(s) AS same FOREACH (s IN same | DETACH DELETE s) \
+         WITH row MATCH (o:{v} {kp}) WHERE o.validTo IS NULL AND o._lsn < row.lsn \
          SET o.validTo = coalesce(row.at, datetime())",
-        quote(&crate::mapping::events::version_label(label)),
-        key_pattern(key_props, "k"),
     )
 }
 
-/// Closes every open version of a label (TRUNCATE): one row `{lsn, at}`.
-pub fn close_all_versions(label: &str) -> String {
+/// Closes every open version of a label (TRUNCATE), as [`close_versions`]
+/// closes one, key by key: one row `{lsn, at}`.
+pub fn close_all_versions(label: &str, key_props: &[std::sync::Arc<str>]) -> String {
+    let v = quote(&crate::mapping::events::version_label(label));
+    let same_key: Vec<String> = key_props
+        .iter()
+        .map(|p| format!("x.{q} = s.{q}", q = quote(p)))
+        .collect();
+    let same_key = if same_key.is_empty() {
+        "true".to_string()
+    } else {
+        same_key.join(" AND ")
+    };
     format!(
-        "{PREFIX}UNWIND $rows AS row MATCH (o:{}) WHERE o.validTo IS NULL AND o._lsn <= row.lsn \
+        "{PREFIX}UNWIND $rows AS row OPTIONAL MATCH (s:{v}) WHERE s._lsn = row.lsn \
+         AND NOT EXISTS {{ MATCH (x:{v}) WHERE {same_key} AND x._lsn > row.lsn }} \
+         WITH row, collect(s) AS same FOREACH (s IN same | DETACH DELETE s) \
+         WITH row MATCH (o:{v}) WHERE o.validTo IS NULL AND o._lsn < row.lsn \
          SET o.validTo = coalesce(row.at, datetime())",
-        quote(&crate::mapping::events::version_label(label)),
     )
 }
 

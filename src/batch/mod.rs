@@ -113,6 +113,8 @@ pub struct Batcher {
     /// transactions (each transaction's state is a version).
     history: std::sync::Arc<std::collections::HashSet<std::sync::Arc<str>>>,
     times: CommitTimes,
+    /// The commit time of the transaction being taken, until it ends.
+    open_time: Option<(Lsn, i64)>,
     dead: Vec<DeadLetter>,
 }
 
@@ -146,9 +148,19 @@ impl Batcher {
     }
 
     /// Notes the commit time of the transaction committed at `commit_lsn`
-    /// (the `validFrom` of the versions it makes).
+    /// (the `validFrom` of the versions it makes), when there are history
+    /// labels; it is kept for the rest of a transaction a batch ends inside.
     pub fn note_commit_time(&mut self, commit_lsn: Lsn, commit_time: i64) {
-        self.times.insert(commit_lsn, commit_time);
+        if !self.history.is_empty() {
+            self.times.insert(commit_lsn, commit_time);
+            self.open_time = Some((commit_lsn, commit_time));
+        }
+    }
+
+    /// The time the versions stamped `lsn` start at, where no transaction
+    /// gives one (a snapshot chunk: when its snapshot was taken).
+    pub fn note_time(&mut self, lsn: Lsn, time: i64) {
+        self.times.insert(lsn, time);
     }
 
     /// Records something refused instead of applied, with this batch.
@@ -201,11 +213,31 @@ impl Batcher {
         });
     }
 
+    /// As [`Batcher::push_partial`], for one message or outbox row: its
+    /// operations are an application's list, applied in order, so each is
+    /// placed as if it were a change of its own (a new segment wherever the
+    /// fixed statement order would reorder it), and they count as one.
+    pub fn push_partial_each(&mut self, ops: Vec<GraphOp>, end_lsn: Lsn, applied: u64) {
+        debug_assert!(
+            end_lsn > self.end_lsn,
+            "a partial transaction comes after the last whole one"
+        );
+        self.changes += 1;
+        for op in ops {
+            self.place(vec![op]);
+        }
+        self.partial = Some(Partial {
+            end_lsn,
+            changes: applied,
+        });
+    }
+
     /// The transaction ending at `end_lsn` is complete.
     pub fn end_transaction(&mut self, end_lsn: Lsn) {
         self.end_lsn = self.end_lsn.max(end_lsn);
         self.partial = None;
         self.transactions += 1;
+        self.open_time = None;
     }
 
     /// Counts one change of table `oid` (named by `name()`, asked only
@@ -244,6 +276,11 @@ impl Batcher {
 
     fn push_change(&mut self, group: Vec<GraphOp>) {
         self.changes += 1;
+        self.place(group);
+    }
+
+    /// Places one change's operations into the segments.
+    fn place(&mut self, group: Vec<GraphOp>) {
         {
             // The operations of one change stay in one segment: split across
             // two, the first would see a node already coalesced to the
@@ -292,6 +329,10 @@ impl Batcher {
     pub fn take(&mut self, mapping: &Mapping) -> Batch {
         let plan = self.take_plan();
         let times = std::mem::take(&mut self.times);
+        if let Some((lsn, t)) = self.open_time {
+            // The rest of the transaction comes in the next batch.
+            self.times.insert(lsn, t);
+        }
         let statements = render::render_plan_at(&plan, mapping, &times);
         let batch = Batch {
             plan,

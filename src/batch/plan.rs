@@ -124,8 +124,16 @@ impl Segment {
                         && (self.deleted_labels.contains(&from.label)
                             || self.deleted_labels.contains(&to.label)))
             }
-            GraphOp::DeleteNode { .. }
-            | GraphOp::DeleteEdge { .. }
+            // Deleted again by another transaction (messages can): for a
+            // history label the first delete closes the version.
+            GraphOp::DeleteNode { node, lsn } => {
+                history.contains(&node.label)
+                    && self
+                        .deleted
+                        .get(node)
+                        .is_some_and(|&i| self.deletes[i].1 != *lsn)
+            }
+            GraphOp::DeleteEdge { .. }
             | GraphOp::EnsureNode { .. }
             | GraphOp::EnsureEndOf { .. } => false,
             GraphOp::TruncateLabel { .. } | GraphOp::TruncateType { .. } => true,

@@ -91,7 +91,7 @@ fn versions(
     let cypher = match group.first() {
         Some(GraphOp::UpsertNode { .. }) => cypher::open_versions(label, key),
         Some(GraphOp::DeleteNode { .. }) => cypher::close_versions(label, key),
-        _ => cypher::close_all_versions(label),
+        _ => cypher::close_all_versions(label, key),
     };
     Statement { cypher, rows }
 }

@@ -1118,7 +1118,7 @@ fn a_history_node_changed_by_two_transactions_of_a_batch_makes_a_version_for_eac
         .iter()
         .filter(|s| {
             s.cypher
-                .contains("UNWIND $rows AS row MATCH (o:`RoleVersion`")
+                .contains("FOREACH (s IN same | DETACH DELETE s) WITH row MATCH (o:`RoleVersion`")
         })
         .count();
     assert_eq!(closed, 1, "the delete closes the last version");
@@ -1174,4 +1174,82 @@ fn one_relationship_type_from_messages_joins_several_pairs_of_labels() {
         "{}",
         merges[0]
     );
+}
+
+#[test]
+fn the_operations_of_one_message_keep_their_order() {
+    let mapping = history_mapping();
+    let event = node("Event", 1);
+    // delete, then merge: one by one the node exists at the end.
+    let mut b = Batcher::new().with_history(&mapping);
+    b.push_partial_each(
+        vec![
+            GraphOp::DeleteNode {
+                node: event.clone(),
+                lsn: Lsn::new(5),
+            },
+            upsert(&event, "back", 5),
+        ],
+        Lsn::new(6),
+        1,
+    );
+    b.end_transaction(Lsn::new(6));
+    let batch = b.take(&mapping);
+    let kinds: Vec<&str> = batch
+        .plan
+        .iter()
+        .map(|g| match &g[0] {
+            GraphOp::DeleteNode { .. } => "delete",
+            GraphOp::UpsertNode { .. } => "upsert",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["delete", "upsert"]);
+    assert_eq!(batch.changes, 1, "a message counts as one change");
+}
+
+#[test]
+fn a_history_node_deleted_again_by_a_later_transaction_keeps_the_first_delete() {
+    let mapping = history_mapping();
+    let role = node("Role", 1);
+    let mut b = Batcher::new().with_history(&mapping);
+    for lsn in [10, 20] {
+        b.note_commit_time(Lsn::new(lsn), lsn as i64 * 1_000_000);
+        b.push_transaction(
+            vec![vec![GraphOp::DeleteNode {
+                node: role.clone(),
+                lsn: Lsn::new(lsn),
+            }]],
+            Lsn::new(lsn + 1),
+        );
+    }
+    let batch = b.take(&mapping);
+    let closes = batch
+        .statements
+        .iter()
+        .filter(|s| {
+            s.cypher
+                .contains("FOREACH (s IN same | DETACH DELETE s) WITH row MATCH (o:`RoleVersion`")
+        })
+        .count();
+    assert_eq!(closes, 2, "each delete closes at its own commit time");
+}
+
+#[test]
+fn a_transaction_split_across_batches_keeps_its_commit_time() {
+    let mapping = history_mapping();
+    let role = node("Role", 1);
+    let mut b = Batcher::new().with_history(&mapping);
+    b.note_commit_time(Lsn::new(10), 7_000_000);
+    b.push_partial(vec![upsert(&role, "a", 10)], Lsn::new(11), 1);
+    let first = b.take(&mapping);
+    b.push_partial(vec![upsert(&role, "b", 10)], Lsn::new(11), 2);
+    b.end_transaction(Lsn::new(11));
+    let second = b.take(&mapping);
+    assert_eq!(first.times.get(&Lsn::new(10)), Some(&7_000_000));
+    assert_eq!(second.times.get(&Lsn::new(10)), Some(&7_000_000));
+    // Without history labels nothing is kept.
+    let mut plain = Batcher::new();
+    plain.note_commit_time(Lsn::new(10), 7_000_000);
+    assert!(plain.take(&mapping).times.is_empty());
 }

@@ -144,11 +144,15 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
         loop {
             // Each chunk under a snapshot of its own: no transaction stays
             // open for the whole copy (which would hold back vacuum).
+            // Versions of history labels start when the chunk's snapshot
+            // was taken: before any transaction streamed after it.
+            let taken_at = crate::lsn::pg_now();
             consistent = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
             let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await;
             let _ = c.batch_execute("COMMIT").await;
             let rows = rows?;
             let mut batcher = Batcher::new();
+            batcher.note_time(consistent, taken_at);
             let n = rows.len() as u64;
             let last = rows.last().map(|r| r.1.clone());
             for (change, _) in rows {

@@ -42,7 +42,7 @@ pub enum KeyKind {
 }
 
 /// A label an operation may touch, with its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabelRule {
     /// The label.
     pub label: Arc<str>,
@@ -50,6 +50,8 @@ pub struct LabelRule {
     pub key: Vec<Arc<str>>,
     /// How each key value is read, aligned with `key`.
     pub kinds: Vec<KeyKind>,
+    /// Its versions are kept (`validFrom` and `validTo` are then theirs).
+    pub history: bool,
 }
 
 /// What the operations of one `[[messages]]` or `[[outbox]]` section may
@@ -169,6 +171,7 @@ pub fn compile_events(
                         label: Arc::clone(&n.label),
                         key: n.key_props.clone(),
                         kinds,
+                        history: n.history,
                     }
                 }
                 None => {
@@ -200,6 +203,7 @@ pub fn compile_events(
                         label,
                         kinds: vec![KeyKind::Free; key.len()],
                         key,
+                        history: false,
                     }
                 }
             };
@@ -249,6 +253,14 @@ pub fn compile_events(
             return Err(MappingError(format!(
                 "{} is both mapped and an outbox; an outbox table's rows are operations, not nodes: keep one",
                 o.table
+            )));
+        }
+        if info.replica_identity == 'n'
+            || (info.replica_identity == 'd' && info.primary_key.is_empty())
+        {
+            return Err(MappingError(format!(
+                "the outbox {} has no primary key (or REPLICA IDENTITY NOTHING), so once it is published Postgres refuses to delete or update its rows: add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL",
+                o.table, o.table
             )));
         }
         let mut cols = vec![o.column.clone()];
@@ -360,7 +372,7 @@ fn operation(v: &Json, rules: &Rules, lsn: Lsn, out: &mut Vec<GraphOp>) -> Resul
         "merge_node" => {
             let m = fields(v, "a merge_node", &["op", "label", "key", "properties"])?;
             let node = node_ref(m, rules, "a merge_node")?;
-            let props = properties(m.get("properties"), &rules.labels[&node.label].key)?;
+            let props = properties(m.get("properties"), &rules.labels[&node.label])?;
             out.push(GraphOp::UpsertNode {
                 node,
                 props,
@@ -404,7 +416,7 @@ fn operation(v: &Json, rules: &Rules, lsn: Lsn, out: &mut Vec<GraphOp>) -> Resul
             };
             let (from, to) = (end("from")?, end("to")?);
             if merge {
-                let props = properties(m.get("properties"), &[])?;
+                let props = properties(m.get("properties"), &LabelRule::default())?;
                 out.push(GraphOp::MergeEdge {
                     rel_type: Arc::clone(rel_type),
                     key: Key(Vec::new()),
@@ -483,10 +495,8 @@ fn node_ref(m: &Map<String, Json>, rules: &Rules, what: &str) -> Result<NodeRef,
 fn key_value(v: &Json, kind: KeyKind) -> Option<Value> {
     Some(match (kind, v) {
         (KeyKind::Integer, Json::Number(n)) => Value::Int(n.as_i64()?),
-        (KeyKind::Numeric, Json::Number(n)) => Value::Numeric(canonical_numeric(&n.to_string())),
-        (KeyKind::Numeric, Json::String(s)) if s.parse::<f64>().is_ok() => {
-            Value::Numeric(canonical_numeric(s))
-        }
+        (KeyKind::Numeric, Json::Number(n)) => Value::Numeric(numeric_text(&n.to_string())?),
+        (KeyKind::Numeric, Json::String(s)) => Value::Numeric(numeric_text(s)?),
         (KeyKind::Text, Json::String(s)) => Value::Text(s.clone()),
         (KeyKind::Uuid, Json::String(s)) => Value::Uuid(s.to_ascii_lowercase()),
         (KeyKind::Boolean, Json::Bool(b)) => Value::Bool(*b),
@@ -500,7 +510,37 @@ fn key_value(v: &Json, kind: KeyKind) -> Option<Value> {
     })
 }
 
-fn properties(v: Option<&Json>, key: &[Arc<str>]) -> Result<Props, Refused> {
+/// A numeric key as Postgres writes it (digits, maybe a point and more
+/// digits, maybe a minus; or `NaN`), in its one form per number; `None`
+/// for anything else (an exponent, a bare point), which could not be
+/// matched to the row's key exactly.
+fn numeric_text(s: &str) -> Option<String> {
+    if s == "NaN" {
+        return Some(s.into());
+    }
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (whole, frac) = match digits.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (digits, None),
+    };
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(whole) || frac.is_some_and(|f| !all_digits(f)) {
+        return None;
+    }
+    let whole = whole.trim_start_matches('0');
+    let whole = if whole.is_empty() { "0" } else { whole };
+    let text = match frac {
+        Some(f) => format!("{}{whole}.{f}", if neg { "-" } else { "" }),
+        None => format!("{}{whole}", if neg { "-" } else { "" }),
+    };
+    Some(canonical_numeric(&text))
+}
+
+fn properties(v: Option<&Json>, rule: &LabelRule) -> Result<Props, Refused> {
+    let key = &rule.key;
     let m = match v {
         None | Some(Json::Null) => return Ok(Vec::new()),
         Some(Json::Object(m)) => m,
@@ -511,6 +551,12 @@ fn properties(v: Option<&Json>, key: &[Arc<str>]) -> Result<Props, Refused> {
         if !is_identifier(name) || name == "_lsn" {
             return refuse(format!(
                 "the property name `{name}` is not allowed: use letters, digits and underscores, starting with a letter, and not _lsn"
+            ));
+        }
+        if rule.history && (name == "validFrom" || name == "validTo") {
+            return refuse(format!(
+                "`{name}` is what the versions of {} say, which history keeps: give the property another name",
+                rule.label
             ));
         }
         if key.iter().any(|k| &**k == name.as_str()) {
@@ -623,7 +669,7 @@ pub fn outbox_operations(
                 None | Some(Json::Null) => Ok(vec![GraphOp::DeleteNode { node, lsn }]),
                 Some(j @ Json::Object(_)) => Ok(vec![GraphOp::UpsertNode {
                     node,
-                    props: properties(Some(&j), &rule.key)?,
+                    props: properties(Some(&j), rule)?,
                     lsn,
                     source: None,
                 }]),

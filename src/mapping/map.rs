@@ -347,6 +347,11 @@ impl Mapper {
         &self.mapping
     }
 
+    /// Whether the table is an outbox (its rows carry operations lists).
+    pub fn is_outbox(&self, rel: &Relation) -> bool {
+        !self.mapping.outbox.is_empty() && self.mapping.outbox.contains_key(&rel.qualified_name())
+    }
+
     /// Whether messages with this prefix are graph operations.
     pub fn takes_messages(&self, prefix: &str) -> bool {
         self.mapping.messages.contains_key(prefix)

@@ -93,7 +93,8 @@ impl NodeTarget {
                 continue;
             }
             let p = f.rename.get(c).unwrap_or(c);
-            if !is_identifier(p) || p == "_lsn" || !seen.insert(p.as_str()) {
+            let reserved = self.history && (p == "validFrom" || p == "validTo");
+            if !is_identifier(p) || p == "_lsn" || reserved || !seen.insert(p.as_str()) {
                 continue;
             }
             out.push(PropertyMap {
@@ -485,6 +486,12 @@ pub fn compile(
                 continue;
             }
             let property = prop_name(c)?;
+            if n.history && (&*property == "validFrom" || &*property == "validTo") {
+                return err(format!(
+                    "the column {c} of {} becomes the property {property}, which the versions of {} use (history = true): rename it",
+                    n.table, n.label
+                ));
+            }
             if !seen.insert(Arc::clone(&property)) {
                 return err(format!(
                     "two columns of {} map to the property {property}",

@@ -264,6 +264,9 @@ impl Backfill {
             Some(n) if *n == name => self.state.last_key.clone(),
             _ => None,
         };
+        // Versions of history labels start when the chunk's snapshot was
+        // taken: before any transaction the stream applies after it.
+        let taken_at = crate::lsn::pg_now();
         let consistent = begin_exported_snapshot(&self.info, c, &self.temp_slot)
             .await
             .map_err(|e| BackfillError::new(&name, &e))?;
@@ -273,6 +276,7 @@ impl Backfill {
         let n = rows.len();
         let last = rows.last().map(|r| r.1.clone());
         let mut batcher = Batcher::starting_at(stored.lsn);
+        batcher.note_time(consistent, taken_at);
         for (change, _) in rows {
             let mut ops = Vec::new();
             self.mapper.map_change(&change, consistent, &mut ops)?;

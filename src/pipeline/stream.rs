@@ -564,20 +564,23 @@ fn take_part(
                 batcher,
                 &mut ops,
             )?;
-            batcher.push_partial(ops, t.end_lsn, t.index);
+            if mapper.is_outbox(&c.relation) {
+                batcher.push_partial_each(ops, t.end_lsn, t.index);
+            } else {
+                batcher.push_partial(ops, t.end_lsn, t.index);
+            }
             batcher.note_change(c.relation.oid, c.op, || c.relation.qualified_name());
         }
         TxnPart::Message(m) => {
-            // Messages of a [[messages]] prefix count with the changes: a
-            // transaction resumed in part skips them the same way.
-            if !mapper.takes_messages(&m.prefix) {
-                return Ok(false);
-            }
+            // Every transactional message counts with the changes (whatever
+            // its prefix, so the count does not depend on the
+            // configuration): a transaction resumed in part skips them the
+            // same way.
             let t = open.as_mut().ok_or_else(|| {
                 RunError::NotReady("a message arrived outside a transaction".into())
             })?;
             t.index += 1;
-            if t.applied.is_none_or(|n| t.index <= n) {
+            if t.applied.is_none_or(|n| t.index <= n) || !mapper.takes_messages(&m.prefix) {
                 return Ok(false);
             }
             let mut ops = Vec::new();
@@ -587,7 +590,7 @@ fn take_part(
                 batcher,
                 &mut ops,
             )?;
-            batcher.push_partial(ops, t.end_lsn, t.index);
+            batcher.push_partial_each(ops, t.end_lsn, t.index);
         }
         TxnPart::Commit(h) => {
             if let Some(t) = open.take() {

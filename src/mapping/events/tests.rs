@@ -412,3 +412,65 @@ proptest! {
         let _ = parse_operations(&s, &rules(), Lsn::new(1));
     }
 }
+
+#[test]
+fn numeric_keys_are_read_in_postgres_form_only() {
+    for (text, want) in [
+        ("5", Some("5")),
+        ("05.50", Some("5.5")),
+        ("-0.0", Some("0")),
+        ("NaN", Some("NaN")),
+        ("1e5", None),
+        (".5", None),
+        ("5.", None),
+        ("", None),
+        ("+5", None),
+    ] {
+        assert_eq!(numeric_text(text).as_deref(), want, "{text}");
+    }
+}
+
+#[test]
+fn history_labels_keep_valid_from_and_valid_to_for_their_versions() {
+    let text = DEMO_MAPPING.replacen(
+        "label = \"Role\"\n",
+        "label = \"Role\"\nhistory = true\n",
+        1,
+    ) + "[[messages]]\nprefix = \"app\"\nlabels = [\"Role\"]\n";
+    let cfg = Config::parse(&text).expect("parses");
+    let m = compile_config(&cfg, &catalog()).expect("compiles");
+    let e = parse_operations(
+        r#"{"op": "merge_node", "label": "Role", "key": {"id": "1"}, "properties": {"validTo": "x"}}"#,
+        &m.messages["app"],
+        Lsn::new(1),
+    )
+    .expect_err("refused");
+    assert!(
+        e.0.contains("`validTo` is what the versions of Role say"),
+        "{}",
+        e.0
+    );
+    let renamed = text.replacen(
+        "label = \"Role\"\nhistory = true\n",
+        "label = \"Role\"\nhistory = true\nrename = { name = \"validFrom\" }\n",
+        1,
+    );
+    let cfg = Config::parse(&renamed).expect("parses");
+    let e = compile_config(&cfg, &catalog()).expect_err("refused");
+    assert!(e.0.contains("which the versions of Role use"), "{}", e.0);
+}
+
+#[test]
+fn an_outbox_without_a_replica_identity_is_refused() {
+    let mut c = catalog();
+    if let Some(o) = c.get_mut("public.outbox") {
+        o.primary_key.clear();
+    }
+    let cfg = Config::parse(&format!("{DEMO_MAPPING}{EVENTS}")).expect("parses");
+    let e = compile_config(&cfg, &c).expect_err("refused");
+    assert!(
+        e.0.contains("Postgres refuses to delete or update its rows"),
+        "{}",
+        e.0
+    );
+}
