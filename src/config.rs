@@ -60,6 +60,10 @@ pub struct Config {
     /// Foreign keys and join tables mapped to relationships.
     #[serde(default, rename = "relationship")]
     pub relationships: Vec<RelationshipMapping>,
+    /// Labels another walgraph process maps (a shard of the tables):
+    /// relationships here may end at their nodes.
+    #[serde(default, rename = "external")]
+    pub externals: Vec<ExternalLabel>,
     /// Logical messages (`pg_logical_emit_message`) applied as graph
     /// operations, by prefix.
     #[serde(default)]
@@ -67,6 +71,19 @@ pub struct Config {
     /// Outbox tables whose inserted rows are applied as graph operations.
     #[serde(default)]
     pub outbox: Vec<OutboxMapping>,
+}
+
+/// `[[external]]`: a label whose nodes another walgraph process maps (its
+/// own slot and publication over other tables); relationships of this one
+/// may end at them, meeting through placeholder nodes until the other
+/// process writes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalLabel {
+    /// The label.
+    pub label: String,
+    /// Its key properties, as the other process's mapping has them.
+    pub key: Vec<String>,
 }
 
 /// The prefix of walgraph's heartbeat messages.

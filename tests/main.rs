@@ -25,5 +25,6 @@ mod outages;
 mod reconcile;
 mod remap;
 mod replay;
+mod shards;
 mod snapshot;
 mod status_page;

@@ -370,7 +370,7 @@ impl<'m> Lookup<'m> {
                 rels.insert(&*r.rel_type, r);
             }
         }
-        for (label, key) in &mapping.event_keys {
+        for (label, key) in mapping.event_keys.iter().chain(&mapping.external_keys) {
             labels.insert(&**label, key.as_slice());
         }
         Lookup {

@@ -87,6 +87,7 @@ pub fn compile_events(
     messages: &[MessagesMapping],
     outbox: &[OutboxMapping],
     mapped: &HashMap<String, super::TableTarget>,
+    externals: &BTreeMap<Arc<str>, Vec<Arc<str>>>,
     catalog: &Catalog,
 ) -> Result<
     (
@@ -172,6 +173,20 @@ pub fn compile_events(
                         key: n.key_props.clone(),
                         kinds,
                         history: n.history,
+                    }
+                }
+                None if externals.contains_key(l.as_str()) => {
+                    if keys.contains_key(l) {
+                        return Err(MappingError(format!(
+                            "the {source} section gives a key for {l}, an [[external]] label: operations key it by the key given there; take the key out"
+                        )));
+                    }
+                    let key = externals[l.as_str()].clone();
+                    LabelRule {
+                        label: Arc::from(l.as_str()),
+                        kinds: vec![KeyKind::Free; key.len()],
+                        key,
+                        history: false,
                     }
                 }
                 None => {

@@ -175,6 +175,8 @@ pub struct Mapping {
     pub outbox: HashMap<String, events::OutboxTarget>,
     /// The keys of labels only messages and outbox rows write.
     pub event_keys: std::collections::BTreeMap<Arc<str>, Vec<Arc<str>>>,
+    /// The keys of labels another walgraph process maps (`[[external]]`).
+    pub external_keys: std::collections::BTreeMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 impl Mapping {
@@ -205,6 +207,7 @@ impl Mapping {
             .chain(
                 self.event_keys
                     .iter()
+                    .chain(&self.external_keys)
                     .map(|(l, k)| (Arc::clone(l), k.clone())),
             )
             .collect();
@@ -381,9 +384,14 @@ pub fn compile_config(
     cfg: &crate::config::Config,
     catalog: &Catalog,
 ) -> Result<Mapping, MappingError> {
-    let mut m = compile(&cfg.nodes, &cfg.relationships, catalog)?;
-    let (messages, outbox, keys) =
-        events::compile_events(&cfg.messages, &cfg.outbox, &m.tables, catalog)?;
+    let mut m = compile_with(&cfg.nodes, &cfg.relationships, &cfg.externals, catalog)?;
+    let (messages, outbox, keys) = events::compile_events(
+        &cfg.messages,
+        &cfg.outbox,
+        &m.tables,
+        &m.external_keys,
+        catalog,
+    )?;
     for table in outbox.keys() {
         if let Some(info) = catalog.get(table) {
             if info.oid != 0 {
@@ -401,6 +409,17 @@ pub fn compile_config(
 pub fn compile(
     nodes: &[NodeMapping],
     relationships: &[RelationshipMapping],
+    catalog: &Catalog,
+) -> Result<Mapping, MappingError> {
+    compile_with(nodes, relationships, &[], catalog)
+}
+
+/// As [`compile`], with labels another walgraph process maps, which
+/// relationships may end at.
+pub fn compile_with(
+    nodes: &[NodeMapping],
+    relationships: &[RelationshipMapping],
+    externals: &[crate::config::ExternalLabel],
     catalog: &Catalog,
 ) -> Result<Mapping, MappingError> {
     let mut mapping = Mapping::default();
@@ -526,6 +545,42 @@ pub fn compile(
         }
         entry.node = Some(target);
     }
+    for x in externals {
+        check_name("label", &x.label)?;
+        if labels.contains_key(&x.label) {
+            return err(format!(
+                "the label {} is both mapped here and [[external]]; an external label is one another walgraph process maps: keep one",
+                x.label
+            ));
+        }
+        if mapping.external_keys.contains_key(x.label.as_str()) {
+            return err(format!("the [[external]] label {} is given twice", x.label));
+        }
+        if x.key.is_empty() {
+            return err(format!(
+                "the [[external]] label {} needs its key, as the process that maps it keys it (key = [\"id\"])",
+                x.label
+            ));
+        }
+        for k in &x.key {
+            check_name("key property", k)?;
+        }
+        let key: Vec<Arc<str>> = x.key.iter().map(|k| Arc::from(k.as_str())).collect();
+        mapping
+            .external_keys
+            .insert(Arc::from(x.label.as_str()), key.clone());
+        labels.insert(
+            x.label.clone(),
+            NodeTarget {
+                label: Arc::from(x.label.as_str()),
+                key_columns: Vec::new(),
+                key_props: key,
+                props: Vec::new(),
+                follow: None,
+                history: false,
+            },
+        );
+    }
     let mut types = HashSet::new();
     for r in relationships {
         let info = table_info(catalog, &r.table)?;
@@ -539,7 +594,7 @@ pub fn compile(
         let endpoint = |e: &EndpointMapping, side: &str| -> Result<EndpointTarget, MappingError> {
             let node = labels.get(&e.label).ok_or_else(|| {
                 MappingError(format!(
-                    "relationship {} points {side} label {}, which no [[node]] section maps",
+                    "relationship {} points {side} label {}, which no [[node]] section maps (a label another walgraph process maps is declared with [[external]])",
                     r.rel_type, e.label
                 ))
             })?;

@@ -194,3 +194,37 @@ fn properties_on_a_foreign_key_relationship_are_refused() {
     let e = compile_err(&text, &demo_catalog());
     assert!(e.contains("`properties` is for join tables"), "{e}");
 }
+
+#[test]
+fn a_relationship_may_end_at_a_label_another_process_maps() {
+    let text = r#"
+[[node]]
+table = "public.orders"
+label = "Order"
+[[relationship]]
+table = "public.orders"
+type = "PLACED_BY"
+from = { label = "Order", columns = ["id"] }
+to = { label = "User", columns = ["user_id"] }
+"#;
+    let cfg = Config::parse(text).expect("parses");
+    let e = compile_config(&cfg, &demo_catalog()).expect_err("User is not mapped");
+    assert!(e.0.contains("[[external]]"), "{}", e.0);
+    let with = format!("{text}[[external]]\nlabel = \"User\"\nkey = [\"id\"]\n");
+    let cfg = Config::parse(&with).expect("parses");
+    let m = compile_config(&cfg, &demo_catalog()).expect("compiles");
+    assert!(
+        !m.tables.contains_key("public.users"),
+        "nothing of users is synced here"
+    );
+    assert!(m
+        .node_keys()
+        .contains(&(Arc::from("User"), vec![Arc::from("id")])));
+    let rel = &m.tables["public.orders"].rels[0];
+    assert_eq!(&*rel.to.label, "User");
+    assert_eq!(rel.to.key_props, vec![Arc::<str>::from("id")]);
+    let twice = format!("{with}[[node]]\ntable = \"public.users\"\nlabel = \"User\"\n");
+    let cfg = Config::parse(&twice).expect("parses");
+    let e = compile_config(&cfg, &demo_catalog()).expect_err("mapped twice");
+    assert!(e.0.contains("both mapped here and [[external]]"), "{}", e.0);
+}
