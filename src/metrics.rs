@@ -37,6 +37,9 @@ pub struct Metrics {
     pub server_wal_lsn: AtomicU64,
     /// Time from the Postgres commit to the Neo4j commit, per change.
     pub latency: Mutex<Latency>,
+    /// That time in its three stages, per change: commit to the batch being
+    /// ready, ready to the writer taking it, taken to committed in Neo4j.
+    pub stages: Mutex<[Latency; 3]>,
     /// When the batch being written first failed (Unix milliseconds), 0
     /// while writes go through.
     pub batch_failing_since_ms: AtomicU64,
@@ -146,7 +149,19 @@ impl Default for Latency {
     }
 }
 
+/// The quantiles the summaries give ("1" is the maximum).
+pub const QUANTILES: [&str; 5] = ["0.5", "0.95", "0.99", "0.999", "1"];
+
 impl Latency {
+    /// The quantile `q` given as text, "1" being the maximum, in seconds.
+    pub fn at(&self, q: &str) -> f64 {
+        if q == "1" {
+            self.max()
+        } else {
+            self.quantile(q.parse().unwrap_or(0.5))
+        }
+    }
+
     fn bucket(micros: u64) -> usize {
         if (micros as f64) <= LATENCY_FIRST_MICROS {
             return 0;
@@ -240,6 +255,31 @@ impl Metrics {
             }
             self.last_commit_time
                 .fetch_max(u64::try_from(t).unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// Records where a committed batch's time went, per change of each of
+    /// its transactions (`commits`): from its Postgres commit to the batch
+    /// being ready (`ready`: when, and the protocol clock then), waiting for
+    /// the writer (until `taken`), and the write with its retries (until now).
+    pub fn record_stages(
+        &self,
+        commits: &[(i64, u64)],
+        ready: Option<(std::time::Instant, i64)>,
+        taken: std::time::Instant,
+    ) {
+        let Some((ready_at, ready_pg)) = ready else {
+            return;
+        };
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let wait = micros(taken.saturating_duration_since(ready_at));
+        let write = micros(taken.elapsed());
+        if let Ok(mut st) = self.stages.lock() {
+            for &(t, n) in commits {
+                st[0].record(u64::try_from(ready_pg - t).unwrap_or(0), n);
+                st[1].record(wait, n);
+                st[2].record(write, n);
+            }
         }
     }
 
@@ -526,14 +566,10 @@ impl Metrics {
             "# HELP walgraph_commit_to_graph_since_start_seconds Commit-to-graph latency quantiles since start (5 % buckets), for walgraph status and bench; alert on the histogram.\n\
              # TYPE walgraph_commit_to_graph_since_start_seconds summary\n",
         );
-        for q in ["0.5", "0.95", "0.99", "1"] {
-            let v = if q == "1" {
-                latency.max()
-            } else {
-                latency.quantile(q.parse().unwrap_or(0.5))
-            };
+        for q in QUANTILES {
             out.push_str(&format!(
-                "walgraph_commit_to_graph_since_start_seconds{{quantile=\"{q}\"}} {v}\n"
+                "walgraph_commit_to_graph_since_start_seconds{{quantile=\"{q}\"}} {}\n",
+                latency.at(q)
             ));
         }
         out.push_str(&format!(
@@ -541,6 +577,24 @@ impl Metrics {
             latency.sum(),
             latency.count()
         ));
+        let stages = self.stages.lock().map(|s| s.clone()).unwrap_or_default();
+        out.push_str(
+            "# HELP walgraph_stage_since_start_seconds Where commit-to-graph time goes, per change, since start: ready (Postgres commit to the batch ready), wait (for the Neo4j writer), write (the Neo4j transaction, retries included).\n\
+             # TYPE walgraph_stage_since_start_seconds summary\n",
+        );
+        for (name, l) in ["ready", "wait", "write"].iter().zip(&stages) {
+            for q in QUANTILES {
+                out.push_str(&format!(
+                    "walgraph_stage_since_start_seconds{{stage=\"{name}\",quantile=\"{q}\"}} {}\n",
+                    l.at(q)
+                ));
+            }
+            out.push_str(&format!(
+                "walgraph_stage_since_start_seconds_sum{{stage=\"{name}\"}} {}\nwalgraph_stage_since_start_seconds_count{{stage=\"{name}\"}} {}\n",
+                l.sum(),
+                l.count()
+            ));
+        }
         let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }

@@ -86,6 +86,9 @@ pub struct Batch {
     pub times: CommitTimes,
     /// Operations refused before the sink, recorded with the batch.
     pub dead: Vec<DeadLetter>,
+    /// When the stream handed it to the writer, and the protocol clock
+    /// then (for the latency's stages); `None` for other batches.
+    pub ready: Option<(std::time::Instant, i64)>,
 }
 
 impl Batch {
@@ -349,6 +352,7 @@ impl Batcher {
                 .collect(),
             times,
             dead: std::mem::take(&mut self.dead),
+            ready: None,
         };
         self.changes = 0;
         self.transactions = 0;

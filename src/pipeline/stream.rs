@@ -628,7 +628,8 @@ async fn dispatch(
     mapping: &Mapping,
     tx: &mpsc::Sender<Batch>,
 ) -> Result<Lsn, RunError> {
-    let batch = batcher.take(mapping);
+    let mut batch = batcher.take(mapping);
+    batch.ready = Some((std::time::Instant::now(), crate::lsn::pg_now()));
     let end = batch.end_lsn;
     tx.send(batch)
         .await

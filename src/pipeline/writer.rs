@@ -65,6 +65,7 @@ pub(super) async fn sink_task(
         }
     };
     while let Some(mut batch) = batches.recv().await {
+        let taken = std::time::Instant::now();
         let Some(sink) = sink.as_ref() else {
             batch.statements.clear();
             batch.plan.clear();
@@ -82,6 +83,7 @@ pub(super) async fn sink_task(
                 Ok(()) => {
                     written(batch.end_lsn);
                     metrics.record_batch(batch.changes, attempt_started.elapsed(), &batch.by_table);
+                    metrics.record_stages(&batch.commits, batch.ready, taken);
                     metrics
                         .dead_letters
                         .fetch_add(dead.len() as u64, Ordering::Relaxed);

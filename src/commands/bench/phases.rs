@@ -104,7 +104,7 @@ impl Bench {
             wal_mib_per_sec: Some(wal_mib / seconds),
             cpu_sec_per_million: (cpu > 0.0).then(|| cpu / (total as f64 / 1e6)),
             peak_rss_mib: (peak > 0.0).then_some(peak),
-            latency_ms: None,
+            ..Measurement::default()
         })
     }
 
@@ -359,6 +359,7 @@ impl Bench {
         let pid = child.id().unwrap_or(0);
         wait_ready(&mut child, &addr, &log).await?;
         let cpu0 = proc_stats(pid).map_or(0.0, |s| s.0);
+        let gc0 = self.neo4j_gc().await.ok();
         let changes = rate * self.opts.steady_secs;
         let started = Instant::now();
         let w = self.write_workload(changes, mix, Some(rate)).await?;
@@ -383,6 +384,10 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         stop_child(&mut child).await;
+        let gc = match (gc0, self.neo4j_gc().await.ok()) {
+            (Some(a), Some(b)) => Some(gc_between(&a, &b)),
+            _ => None,
+        };
         Ok(Measurement {
             name: "steady rate, commit to graph".into(),
             settings: format!("{rate}/s, max_delay {}", humantime::format_duration(delay)),
@@ -393,7 +398,42 @@ impl Bench {
             cpu_sec_per_million: Some((cpu - cpu0) / (w.changes.max(1) as f64 / 1e6)),
             peak_rss_mib: Some(peak),
             latency_ms: Some(latency_ms(&m)),
+            latency_p999_ms: metric(
+                &m,
+                "walgraph_commit_to_graph_since_start_seconds{quantile=\"0.999\"}",
+            )
+            .map(|v| v * 1000.0),
+            stages_ms: stages_ms(&m),
+            neo4j_gc: gc,
         })
+    }
+
+    /// Neo4j's garbage collectors so far: name, collections, milliseconds
+    /// (from its JVM's management beans, `dbms.queryJmx`).
+    async fn neo4j_gc(&self) -> anyhow::Result<Vec<(String, u64, f64)>> {
+        let sink = Sink::connect(&self.cfg.neo4j, "walgraph_bench").await?;
+        let mut rows = sink
+            .graph()
+            .execute(neo4rs::query(
+                "CALL dbms.queryJmx('java.lang:type=GarbageCollector,name=*') YIELD name, attributes \
+                 RETURN name, attributes.CollectionCount.value AS count, attributes.CollectionTime.value AS ms",
+            ))
+            .await?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().await? {
+            let name: String = r.get("name").unwrap_or_default();
+            // `java.lang:name=G1 Young Generation,type=GarbageCollector`
+            let name = name
+                .split("name=")
+                .nth(1)
+                .and_then(|n| n.split(',').next())
+                .unwrap_or(&name)
+                .to_string();
+            let count: i64 = r.get("count").unwrap_or(0);
+            let ms: i64 = r.get("ms").unwrap_or(0);
+            out.push((name, count.max(0) as u64, ms.max(0) as f64));
+        }
+        Ok(out)
     }
 
     /// A table of `rows` rows added to the mapping after the snapshot:
@@ -505,6 +545,8 @@ impl Bench {
             cpu_sec_per_million: Some((cpu - cpu0) / (rows.max(1) as f64 / 1e6)),
             peak_rss_mib: None,
             latency_ms: Some(latency_ms(&m)),
+            stages_ms: stages_ms(&m),
+            ..Measurement::default()
         })
     }
 
@@ -542,6 +584,45 @@ impl Bench {
 
 /// The commit-to-graph summary in `/metrics` text, in milliseconds: p50,
 /// p95, p99 and the maximum.
+/// The collections between two readings of [`Bench::neo4j_gc`].
+fn gc_between(a: &[(String, u64, f64)], b: &[(String, u64, f64)]) -> super::report::Gc {
+    let by_collector: Vec<(String, u64, f64)> = b
+        .iter()
+        .map(|(n, c, ms)| {
+            let (c0, ms0) = a
+                .iter()
+                .find(|x| x.0 == *n)
+                .map_or((0, 0.0), |x| (x.1, x.2));
+            (n.clone(), c.saturating_sub(c0), (ms - ms0).max(0.0))
+        })
+        .collect();
+    super::report::Gc {
+        collections: by_collector.iter().map(|x| x.1).sum(),
+        total_ms: by_collector.iter().map(|x| x.2).sum(),
+        by_collector,
+    }
+}
+
+/// The stage quantiles a `run` serves, in milliseconds.
+fn stages_ms(metrics: &str) -> Vec<(String, [f64; 5])> {
+    ["ready", "wait", "write"]
+        .iter()
+        .map(|stage| {
+            let q = crate::metrics::QUANTILES.map(|q| {
+                metric(
+                    metrics,
+                    &format!(
+                        "walgraph_stage_since_start_seconds{{stage=\"{stage}\",quantile=\"{q}\"}}"
+                    ),
+                )
+                .unwrap_or(f64::NAN)
+                    * 1000.0
+            });
+            (stage.to_string(), q)
+        })
+        .collect()
+}
+
 fn latency_ms(metrics: &str) -> [f64; 4] {
     ["0.5", "0.95", "0.99", "1"].map(|q| {
         metric(

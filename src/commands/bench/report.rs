@@ -26,6 +26,25 @@ pub struct Measurement {
     pub peak_rss_mib: Option<f64>,
     /// Commit-to-graph latency quantiles in milliseconds: p50, p95, p99, max.
     pub latency_ms: Option<[f64; 4]>,
+    /// Its p99.9, milliseconds.
+    pub latency_p999_ms: Option<f64>,
+    /// Where that time went, per stage (ready, wait, write): p50, p95,
+    /// p99, p99.9, max in milliseconds.
+    pub stages_ms: Vec<(String, [f64; 5])>,
+    /// Neo4j's garbage collections during the measurement.
+    pub neo4j_gc: Option<Gc>,
+}
+
+/// Neo4j's garbage collections over a measurement, from its JVM's
+/// management beans.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Gc {
+    /// Collections.
+    pub collections: u64,
+    /// Milliseconds spent collecting.
+    pub total_ms: f64,
+    /// The collector names and their milliseconds.
+    pub by_collector: Vec<(String, u64, f64)>,
 }
 
 /// The whole report.
@@ -159,6 +178,43 @@ pub fn render(r: &Report) -> String {
                 l[0], l[1], l[2], l[3]
             )),
         ));
+    }
+    let breakdown: Vec<&Measurement> = r
+        .measurements
+        .iter()
+        .filter(|m| !m.stages_ms.is_empty() || m.neo4j_gc.is_some())
+        .collect();
+    if !breakdown.is_empty() {
+        out.push_str(
+            "\nwhere the commit-to-graph time goes, ms p50/p95/p99/p99.9/max (per change):\n",
+        );
+        for m in breakdown {
+            out.push_str(&format!(
+                "  {} ({}): total p99.9 {}\n",
+                m.name,
+                m.settings,
+                m.latency_p999_ms.map_or("-".into(), |v| format!("{v:.0}"))
+            ));
+            for (stage, q) in &m.stages_ms {
+                out.push_str(&format!(
+                    "    {stage:<6} {:.1}/{:.1}/{:.1}/{:.1}/{:.1}\n",
+                    q[0], q[1], q[2], q[3], q[4]
+                ));
+            }
+            if let Some(gc) = &m.neo4j_gc {
+                let names: Vec<String> = gc
+                    .by_collector
+                    .iter()
+                    .map(|(n, c, ms)| format!("{n} {c} × {ms:.0} ms"))
+                    .collect();
+                out.push_str(&format!(
+                    "    Neo4j GC: {} collections, {:.0} ms ({})\n",
+                    gc.collections,
+                    gc.total_ms,
+                    names.join(", ")
+                ));
+            }
+        }
     }
     if !r.ratios.is_empty() {
         out.push('\n');
