@@ -332,12 +332,15 @@ async fn a_burst_of_messages_survives_sigkills_with_no_operation_lost_or_doubled
                 }
                 sql.push_str("COMMIT;");
                 pg.batch_execute(&sql).await.expect("a burst transaction");
+                // Paced (about 3 s in all), so the kills below fall inside
+                // the burst however fast the server takes it.
+                tokio::time::sleep(Duration::from_micros(2500)).await;
             }
         })
     };
     let mut kills = 0;
     while !writer.is_finished() && kills < 6 {
-        tokio::time::sleep(Duration::from_millis(700 + 300 * kills)).await;
+        tokio::time::sleep(Duration::from_millis(400 + 150 * kills)).await;
         child.start_kill().expect("SIGKILL");
         let _ = child.wait().await;
         kills += 1;
