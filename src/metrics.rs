@@ -37,8 +37,9 @@ pub struct Metrics {
     pub server_wal_lsn: AtomicU64,
     /// Time from the Postgres commit to the Neo4j commit, per change.
     pub latency: Mutex<Latency>,
-    /// That time in its three stages, per change: commit to the batch being
-    /// ready, ready to the writer taking it, taken to committed in Neo4j.
+    /// That time in its three stages, per change: commit to its batch being
+    /// due (`batch.max_delay` or full), due to the writer taking it (busy
+    /// with the batch before), taken to committed in Neo4j.
     pub stages: Mutex<[Latency; 3]>,
     /// When the batch being written first failed (Unix milliseconds), 0
     /// while writes go through.

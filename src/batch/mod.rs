@@ -86,8 +86,9 @@ pub struct Batch {
     pub times: CommitTimes,
     /// Operations refused before the sink, recorded with the batch.
     pub dead: Vec<DeadLetter>,
-    /// When the stream handed it to the writer, and the protocol clock
-    /// then (for the latency's stages); `None` for other batches.
+    /// When it became ready for the writer (its `batch.max_delay` passed,
+    /// or it filled up), and the protocol clock then, for the latency's
+    /// stages; `None` for batches the stream does not make.
     pub ready: Option<(std::time::Instant, i64)>,
 }
 

@@ -142,6 +142,9 @@ pub(super) async fn stream_once(
     let mut wal_start = Lsn::ZERO;
     let mut in_flight: Option<Lsn> = None;
     let mut deadline: Option<Instant> = None;
+    // When the batch filling now reached batch.max_changes (it is due then,
+    // though the writer may still be busy).
+    let mut full_since: Option<Instant> = None;
     let mut server_wal_end = Lsn::ZERO;
     let mut last_idle_advance = Instant::now();
     let mut last_catalog_check = Instant::now();
@@ -251,7 +254,9 @@ pub(super) async fn stream_once(
             }
             // 4. The batch is due: hand it to the sink.
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
-                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+                let due = deadline.unwrap_or_else(Instant::now);
+                in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx, due).await?);
+                full_since = None;
                 heartbeat.dispatched();
                 deadline = None;
                 chunk_next = true;
@@ -386,8 +391,12 @@ pub(super) async fn stream_once(
             break Ok(());
         }
         // A full batch waits for the sink; send it as soon as it is free.
+        if batcher.changes() >= max_changes && full_since.is_none() {
+            full_since = Some(Instant::now());
+        }
         if in_flight.is_none() && batcher.changes() >= max_changes {
-            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx).await?);
+            let due = full_since.take().unwrap_or_else(Instant::now);
+            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx, due).await?);
             deadline = None;
             chunk_next = true;
         }
@@ -400,7 +409,7 @@ pub(super) async fn stream_once(
             in_flight = None;
         }
         if !batcher.is_empty() {
-            dispatch(&mut batcher, &p.mapping, &batch_tx).await?;
+            dispatch(&mut batcher, &p.mapping, &batch_tx, Instant::now()).await?;
             await_commit(&mut event_rx, metrics).await?;
         }
     }
@@ -623,13 +632,19 @@ async fn await_commit(
     }
 }
 
+/// Hands the batch to the writer; `due` is when it became ready (its
+/// deadline, or when it filled up), which may be before now when the
+/// writer was busy.
 async fn dispatch(
     batcher: &mut Batcher,
     mapping: &Mapping,
     tx: &mpsc::Sender<Batch>,
+    due: Instant,
 ) -> Result<Lsn, RunError> {
     let mut batch = batcher.take(mapping);
-    batch.ready = Some((std::time::Instant::now(), crate::lsn::pg_now()));
+    let due = due.min(Instant::now());
+    let waited = i64::try_from(due.elapsed().as_micros()).unwrap_or(0);
+    batch.ready = Some((due.into_std(), crate::lsn::pg_now() - waited));
     let end = batch.end_lsn;
     tx.send(batch)
         .await
