@@ -860,3 +860,85 @@ async fn heartbeats_measure_the_lag_and_move_the_slot_while_nothing_changes() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_of_a_mapping_is_planned_ahead_and_nothing_is_written() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(
+        "CREATE TABLE {s}.sites (region text, id int, name text, PRIMARY KEY (region, id));
+         CREATE TABLE {s}.racks (id int PRIMARY KEY, region text, site int,
+           FOREIGN KEY (region, site) REFERENCES {s}.sites);
+         CREATE TABLE {s}.links (a int, b int, note text, PRIMARY KEY (a, b));
+         CREATE TABLE {s}.cables (id int PRIMARY KEY, a int, b int, len int);",
+        r#"
+[[node]]
+table = "{s}.sites"
+label = "{p}Site"
+history = true
+[[node]]
+table = "{s}.racks"
+label = "{p}Rack"
+[[relationship]]
+table = "{s}.racks"
+type = "{p}IN_SITE"
+from = { label = "{p}Rack", columns = ["id"] }
+to = { label = "{p}Site", columns = ["region", "site"] }
+[[relationship]]
+table = "{s}.links"
+type = "{p}LINK"
+from = { label = "{p}Rack", columns = ["a"] }
+to = { label = "{p}Rack", columns = ["b"] }
+[[relationship]]
+table = "{s}.cables"
+type = "{p}CABLE"
+from = { label = "{p}Rack", columns = ["a"] }
+to = { label = "{p}Rack", columns = ["b"] }
+"#,
+    )
+    .await;
+    fx.setup().await;
+    let info = walgraph::source::conninfo::ConnInfo::parse(
+        fx.config.postgres.url.as_deref().expect("a url"),
+    )
+    .expect("url");
+    let pg = walgraph::source::catalog::PgClient::connect(&info)
+        .await
+        .expect("postgres");
+    let mapping = walgraph::pipeline::preflight::compile_mapping(&pg, &fx.config)
+        .await
+        .expect("compiles");
+    let max_changes = 5000;
+    let texts = walgraph::batch::render::statement_texts(&mapping, max_changes);
+    // Per label: upsert, delete, placeholder, key change, truncate (and the
+    // three version statements of the history label); per type: its two
+    // statements and a truncate.
+    assert_eq!(texts.len(), 2 * 5 + 3 + 3 * 3, "{texts:#?}");
+    let orders = |rows: usize| match rows {
+        1 => 1,
+        10 => 2,
+        _ => 5,
+    };
+    let want: usize = texts.iter().map(|p| orders(p.rows)).sum();
+    let sink = walgraph::sink::Sink::connect(&fx.config.neo4j, &fx.config.postgres.slot)
+        .await
+        .expect("neo4j");
+    let planned = sink
+        .plan_ahead(&texts, Duration::from_secs(300))
+        .await
+        .expect("every statement runs");
+    assert_eq!(planned, want);
+    // Everything ran in transactions that were rolled back.
+    let left = fx
+        .cypher(
+            "MATCH (n) WHERE any(l IN labels(n) WHERE l STARTS WITH '{p}') RETURN count(n) AS n",
+        )
+        .await;
+    assert_eq!(left, vec![json!({"n": 0})]);
+    // A budget bounds it.
+    let few = sink
+        .plan_ahead(&texts, Duration::ZERO)
+        .await
+        .expect("plans nothing");
+    assert_eq!(few, 0);
+    fx.cleanup().await;
+}

@@ -397,3 +397,107 @@ impl<'m> Lookup<'m> {
         }))
     }
 }
+
+/// A statement to plan before the stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanAhead {
+    /// Its text.
+    pub text: String,
+    /// The most rows it carries in a batch.
+    pub rows: usize,
+    /// Run it (in a transaction rolled back) with rows of keys no table
+    /// has, rather than only `EXPLAIN` it: a plan's first run costs more
+    /// than later ones.
+    pub run: bool,
+    /// The longest key among the mapping's labels and types (the length of
+    /// each key list in those rows).
+    pub key_width: usize,
+}
+
+/// Every statement text the mapping's changes can render to, each with the
+/// largest number of rows it can carry in a batch of `max_changes`
+/// (TRUNCATE's carry one; key changes are planned for few): what
+/// [`crate::sink::Sink::plan_ahead`] has Neo4j plan before the stream
+/// starts. Neo4j caches a plan per statement text *and* per order of
+/// magnitude of a list parameter's length (`$rows` of 200 and of 1,000
+/// rows share a plan, 50 rows get their own), so a statement is planned
+/// once per power of ten up to its largest size.
+pub fn statement_texts(mapping: &Mapping, max_changes: usize) -> Vec<PlanAhead> {
+    let lookup = Lookup::new(mapping);
+    let key_width = lookup
+        .labels
+        .values()
+        .map(|k| k.len())
+        .chain(
+            mapping
+                .tables
+                .values()
+                .flat_map(|t| t.rels.iter().map(|r| r.key_columns.len())),
+        )
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut out: Vec<PlanAhead> = Vec::new();
+    let mut add = |text: String, rows: usize| {
+        if !out.iter().any(|p| p.text == text) {
+            // A TRUNCATE's statement reads the whole label or type: planned
+            // only, never run; the rest find their rows by key.
+            let run = rows > 1;
+            out.push(PlanAhead {
+                text,
+                rows,
+                run,
+                key_width,
+            });
+        }
+    };
+    let few = max_changes.min(10);
+    let mut labels: Vec<&str> = lookup.labels.keys().copied().collect();
+    labels.sort_unstable();
+    for label in labels {
+        let key = lookup.key_props(label);
+        add(cypher::upsert_nodes(label, key), max_changes);
+        add(cypher::delete_nodes(label, key), max_changes);
+        add(cypher::ensure_nodes(label, key), max_changes);
+        add(cypher::move_nodes(label, key), few);
+        add(cypher::truncate_label(label, key), 1);
+        if lookup.history.contains(label) {
+            add(cypher::open_versions(label, key), max_changes);
+            add(cypher::close_versions(label, key), max_changes);
+            add(cypher::close_all_versions(label, key), 1);
+        }
+    }
+    let mut tables: Vec<_> = mapping.tables.iter().collect();
+    tables.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (_, table) in tables {
+        for rel in &table.rels {
+            let t = &*rel.rel_type;
+            let from = (&*rel.from.label, lookup.key_props(&rel.from.label));
+            let to = (&*rel.to.label, lookup.key_props(&rel.to.label));
+            match rel.kind {
+                RelKind::RowOwned { own_is_from } => {
+                    let (own, other) = if own_is_from { (from, to) } else { (to, from) };
+                    add(
+                        cypher::set_owned_rels(t, own.0, own.1, other.0, other.1, own_is_from),
+                        max_changes,
+                    );
+                    add(cypher::ensure_end_nodes(other, own), max_changes);
+                }
+                RelKind::Edge { pair_identity } => {
+                    let key = (!pair_identity).then_some(rel.key_columns.as_slice());
+                    add(cypher::merge_edges(t, from, to, key), max_changes);
+                    if pair_identity {
+                        add(cypher::delete_edges_by_ends(t, from, to), max_changes);
+                    } else {
+                        add(
+                            cypher::delete_edges_by_key(t, &rel.key_columns),
+                            max_changes,
+                        );
+                    }
+                }
+            }
+            add(cypher::truncate_type(t), 1);
+        }
+    }
+    out
+}

@@ -1253,3 +1253,58 @@ fn a_transaction_split_across_batches_keeps_its_commit_time() {
     plain.note_commit_time(Lsn::new(10), 7_000_000);
     assert!(plain.take(&mapping).times.is_empty());
 }
+
+// ------------------------------------------------------ planning ahead
+
+proptest! {
+    /// Every statement a batch of random changes renders to (with and
+    /// without foreign keys, TOASTed values, key changes, deletes, join
+    /// tables of both identities) is among the texts `run` has Neo4j plan
+    /// before it streams, and none of those texts is repeated.
+    #[test]
+    fn every_statement_a_batch_renders_is_planned_ahead(seed in any::<u64>(), steps in 1usize..60, fk in any::<bool>()) {
+        let m = mapper();
+        let planned = super::render::statement_texts(m.mapping(), 5000);
+        let texts: BTreeSet<&str> = planned.iter().map(|p| p.text.as_str()).collect();
+        prop_assert_eq!(texts.len(), planned.len());
+        let mut sim = Sim { db: Db::default(), fk, toast: true, rels: relations(), rng: fastrand::Rng::with_seed(seed) };
+        let mut batcher = Batcher::new();
+        let mut done = 0;
+        let mut txn = 0u64;
+        while done < steps {
+            let changes = sim.transaction(&mut done);
+            txn += 1;
+            let mut groups = Vec::new();
+            for c in &changes {
+                let mut ops = Vec::new();
+                m.map_change(c, Lsn::new(txn * 100), &mut ops).expect("maps");
+                groups.push(ops);
+            }
+            batcher.push_transaction(groups, Lsn::new(txn * 100 + 10));
+            if sim.rng.u8(..3) == 0 || done >= steps {
+                let batch = batcher.take(m.mapping());
+                for st in &batch.statements {
+                    prop_assert!(texts.contains(st.cypher.as_str()), "not planned ahead: {}", st.cypher);
+                    let most = planned.iter().find(|p| p.text == st.cypher).map(|p| p.rows);
+                    prop_assert!(most.is_some_and(|n| n >= st.rows.len() || n < 5000 && st.rows.len() <= 10), "{} rows: {}", st.rows.len(), st.cypher);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn truncates_are_planned_ahead_and_never_run() {
+    let m = mapper();
+    let planned = super::render::statement_texts(m.mapping(), 5000);
+    let truncates: Vec<_> = planned
+        .iter()
+        .filter(|p| {
+            p.text.contains("MATCH (n:`User`) WHERE")
+                || p.text.contains("MATCH ()-[r:`HAS_ROLE`]->() WHERE")
+        })
+        .collect();
+    assert_eq!(truncates.len(), 2, "{planned:#?}");
+    assert!(truncates.iter().all(|p| !p.run && p.rows == 1));
+    assert!(planned.iter().filter(|p| p.run).all(|p| p.key_width == 2));
+}

@@ -33,6 +33,7 @@ use crate::mapping::map::{MapError, Mapper};
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
+use crate::sink::Sink;
 use crate::source::catalog::PgClient;
 use crate::source::{ReplicationEvent, ReplicationStream, SourceError, StartOptions};
 use crate::transactions::{Assembler, TxnPart, PARTS_PER_TURN};
@@ -89,6 +90,9 @@ pub(super) async fn stream_once(
         }
         _ => (None, VecDeque::new()),
     };
+    if let Some(sink) = &p.sink {
+        plan_ahead(sink, &p.mapping, cfg.batch.max_changes).await;
+    }
     let mut stream = ReplicationStream::connect(&p.info).await?;
     let system = stream.identify_system().await?;
     let proto_version = stream
@@ -659,6 +663,29 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+/// Has Neo4j plan the mapping's statements before the stream starts (at
+/// most [`PLAN_AHEAD_BUDGET`]), so the first batches do not pay for it.
+/// A failure here costs nothing but the head start: the first batch
+/// meets the same server and handles what it says.
+async fn plan_ahead(sink: &Sink, mapping: &Mapping, max_changes: usize) {
+    let texts = crate::batch::render::statement_texts(mapping, max_changes);
+    let started = std::time::Instant::now();
+    match sink.plan_ahead(&texts, PLAN_AHEAD_BUDGET).await {
+        Ok(n) => tracing::info!(
+            plans = n,
+            statements = texts.len(),
+            took = ?started.elapsed(),
+            "Neo4j planned the mapping's statements"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "planning the mapping's statements ahead failed; they are planned on first use")
+        }
+    }
+}
+
+/// How long `run` lets Neo4j plan statements before it streams.
+const PLAN_AHEAD_BUDGET: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -320,15 +320,28 @@ impl Sink {
     async fn commit_all(&self, queries: impl Iterator<Item = Query>) -> Result<(), SinkError> {
         self.disable_nagle();
         self.timed("writing a batch", async {
+            let started = std::time::Instant::now();
             let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+            let mut steps = Vec::new();
             for q in queries {
+                let at = std::time::Instant::now();
                 if let Err(e) = txn.run(q).await {
                     let e = self.err(e);
                     let _ = txn.rollback().await;
                     return Err(e);
                 }
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    steps.push(at.elapsed().as_millis() as u64);
+                }
             }
+            let at = std::time::Instant::now();
             txn.commit().await.map_err(|e| self.err(e))?;
+            tracing::trace!(
+                total_ms = started.elapsed().as_millis() as u64,
+                commit_ms = at.elapsed().as_millis() as u64,
+                statements_ms = ?steps,
+                "transaction committed"
+            );
             Ok(())
         })
         .await
@@ -409,6 +422,68 @@ impl Sink {
             .unwrap_or(0))
     }
 
+    /// Has Neo4j plan `statements` before they are first needed, each
+    /// with `$rows` of each order of magnitude up to its most rows (Neo4j
+    /// keeps a plan per text and per order of magnitude of a list
+    /// parameter's length): run in a transaction that is rolled back, with
+    /// rows whose keys no table has, or only `EXPLAIN`ed. Without it the
+    /// first batches after a start (or after Neo4j restarted) pay for
+    /// planning: measured 50–190 ms per statement, 0.4–0.7 s for the first
+    /// batches of a fresh run (docs/benchmarks.md). Stops after `budget`
+    /// (the rest is planned on first use, as before) or at the first
+    /// failure, which it returns; returns how many were planned.
+    pub async fn plan_ahead(
+        &self,
+        statements: &[crate::batch::render::PlanAhead],
+        budget: Duration,
+    ) -> Result<usize, SinkError> {
+        let started = std::time::Instant::now();
+        let mut work: Vec<(&crate::batch::render::PlanAhead, usize)> = Vec::new();
+        for st in statements {
+            for size in row_counts(st.rows) {
+                work.push((st, size));
+            }
+        }
+        // The sizes a steady stream's statements have first (tens to
+        // hundreds of rows), then the rest.
+        work.sort_by_key(|(_, size)| match *size {
+            101..=1000 => 0,
+            11..=100 => 1,
+            2..=10 => 2,
+            1 => 3,
+            _ => 4,
+        });
+        let mut planned = 0;
+        for (st, size) in work {
+            if started.elapsed() >= budget {
+                break;
+            }
+            if st.run {
+                let rows = BoltType::List(neo4rs::BoltList::from(
+                    (0..size)
+                        .map(|i| plan_ahead_row(i, st.key_width))
+                        .collect::<Vec<_>>(),
+                ));
+                self.timed("planning a statement", async {
+                    let mut txn = self.graph.start_txn().await.map_err(|e| self.err(e))?;
+                    let ran = txn.run(query(&st.text).param("rows", rows)).await;
+                    let _ = txn.rollback().await;
+                    ran.map_err(|e| self.err(e))
+                })
+                .await?;
+            } else {
+                let rows = BoltType::List(neo4rs::BoltList::from(vec![BoltType::from(0i64); size]));
+                self.fetch(
+                    "planning a statement",
+                    query(&format!("EXPLAIN {}", st.text)).param("rows", rows),
+                )
+                .await?;
+            }
+            planned += 1;
+        }
+        Ok(planned)
+    }
+
     /// Runs one statement in a transaction of its own.
     pub async fn run_statement(&self, st: &crate::batch::Statement) -> Result<(), SinkError> {
         self.commit_all(std::iter::once(
@@ -429,6 +504,44 @@ impl Sink {
         })
         .await
     }
+}
+
+/// A row every statement accepts, for a run that is rolled back: each
+/// key (`k`, `s`, `o`, `t`, `f`) a list of text values no table's key has,
+/// no properties, the lowest LSN.
+fn plan_ahead_row(i: usize, width: usize) -> BoltType {
+    let key = BoltType::List(neo4rs::BoltList::from(vec![
+        BoltType::from(format!(
+            "\u{1}walgraph plan ahead {i}"
+        ));
+        width
+    ]));
+    let lsn = BoltType::from(i64::MIN);
+    crate::batch::cypher::row(vec![
+        ("k", key.clone()),
+        ("s", key.clone()),
+        ("o", key.clone()),
+        ("t", key.clone()),
+        ("f", key),
+        ("p", BoltType::Map(neo4rs::BoltMap::new())),
+        ("lsn", lsn.clone()),
+        ("sl", lsn),
+        ("w", BoltType::from(false)),
+    ])
+}
+
+/// One row count per order of magnitude up to `most` (1, 10, 100, …,
+/// then `most` itself): a list of each length falls in its own bucket of
+/// Neo4j's plan cache.
+fn row_counts(most: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut n = 1usize;
+    while n < most {
+        out.push(n);
+        n = n.saturating_mul(10);
+    }
+    out.push(most.max(1));
+    out
 }
 
 /// A batch's statements with their rows.
@@ -460,7 +573,16 @@ async fn neo4j_addresses(uri: &str) -> Vec<std::net::SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::SinkError;
+    use super::{row_counts, SinkError};
+
+    #[test]
+    fn statements_are_planned_once_per_order_of_magnitude_of_their_rows() {
+        assert_eq!(row_counts(1), [1]);
+        assert_eq!(row_counts(0), [1]);
+        assert_eq!(row_counts(10), [1, 10]);
+        assert_eq!(row_counts(11), [1, 10, 11]);
+        assert_eq!(row_counts(5000), [1, 10, 100, 1000, 5000]);
+    }
 
     #[test]
     fn driver_errors_are_split_by_whether_a_retry_can_succeed() {

@@ -175,7 +175,12 @@ pub async fn bench(cfg: &Config, opts: &BenchOptions) -> anyhow::Result<Report> 
     b.clean().await?;
     let result = b.measure(mix).await;
     let cleaned = b.clean().await;
-    let _ = std::fs::remove_dir_all(&b.dir);
+    if std::env::var_os("WALGRAPH_BENCH_CHILD_LOG").is_some() {
+        // Diagnosis: the children's logs stay.
+        eprintln!("bench: the logs of walgraph run are in {}", b.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&b.dir);
+    }
     let report = result?;
     cleaned?;
     Ok(report)

@@ -189,7 +189,10 @@ impl Bench {
             cmd.env("WALGRAPH_NEO4J_PASSWORD", p.expose());
         }
         let child = cmd
-            .env("WALGRAPH_LOG", "warn")
+            .env(
+                "WALGRAPH_LOG",
+                std::env::var("WALGRAPH_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
