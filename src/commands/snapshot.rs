@@ -10,6 +10,8 @@
 //!   from the slot's start the `_lsn` guard skips exactly the streamed
 //!   changes a chunk already holds (commit LSN below its `Ti`) while applying
 //!   every later one. No transaction stays open longer than one chunk's read;
+//! - the next chunk is read (and mapped) while one is written, and chunks
+//!   are written in the order they were read;
 //! - each chunk is written in one Neo4j transaction together with the
 //!   progress record `(:WalgraphSnapshot {slot})` (table, last key, rows), so
 //!   an interrupted snapshot resumes after the last chunk Neo4j committed;
@@ -137,45 +139,92 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
 
     for t in &described {
         progress.table(&t.name);
-        let mut after: Option<Vec<String>> = match &state.table {
+        let after: Option<Vec<String>> = match &state.table {
             Some(name) if *name == t.name => state.last_key.clone(),
             _ => None,
         };
-        loop {
-            // Each chunk under a snapshot of its own: no transaction stays
-            // open for the whole copy (which would hold back vacuum).
-            // Versions of history labels start when the chunk's snapshot
-            // was taken: before any transaction streamed after it.
-            let taken_at = crate::lsn::pg_now();
-            consistent = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
-            let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await;
-            let _ = c.batch_execute("COMMIT").await;
-            let rows = rows?;
-            let mut batcher = Batcher::new();
-            batcher.note_time(consistent, taken_at);
-            let n = rows.len() as u64;
-            let last = rows.last().map(|r| r.1.clone());
-            for (change, _) in rows {
-                let mut ops = Vec::new();
-                mapper.map_change(&change, consistent, &mut ops)?;
-                batcher.push_transaction(vec![ops], Lsn::ZERO);
+        // The next chunk is read (and mapped) while this one is written:
+        // reads stay in key order, each under its own snapshot, and chunks
+        // are written in the order read, so the invariants above hold.
+        let (chunks, mut ready) = tokio::sync::mpsc::channel::<Chunk>(1);
+        let read = async {
+            // The reader owns the sender: when it stops, the writer's
+            // queue ends.
+            let chunks = chunks;
+            let mut after = after;
+            loop {
+                // Each chunk under a snapshot of its own: no transaction
+                // stays open for the whole copy (which would hold back
+                // vacuum). Versions of history labels start when the
+                // chunk's snapshot was taken: before any transaction
+                // streamed after it.
+                let taken_at = crate::lsn::pg_now();
+                let begun = std::time::Instant::now();
+                let consistent = begin_exported_snapshot(&prepared.info, c, &temp_slot).await?;
+                let exported = begun.elapsed();
+                let rows = read_chunk(c, t, after.as_deref(), opts.chunk_rows).await;
+                let _ = c.batch_execute("COMMIT").await;
+                let rows = rows?;
+                let read = begun.elapsed();
+                let mut batcher = Batcher::new();
+                batcher.note_time(consistent, taken_at);
+                let n = rows.len() as u64;
+                let last = rows.last().map(|r| r.1.clone());
+                for (change, _) in rows {
+                    let mut ops = Vec::new();
+                    mapper.map_change(&change, consistent, &mut ops)?;
+                    batcher.push_transaction(vec![ops], Lsn::ZERO);
+                }
+                if n == 0 {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let batch = batcher.take(&prepared.mapping);
+                tracing::debug!(
+                    rows = n,
+                    snapshot_ms = exported.as_millis() as u64,
+                    read_ms = (read - exported).as_millis() as u64,
+                    map_ms = (begun.elapsed() - read).as_millis() as u64,
+                    "chunk read"
+                );
+                let full = n >= opts.chunk_rows as u64;
+                let chunk = Chunk {
+                    batch,
+                    rows: n,
+                    last: last.clone(),
+                    consistent,
+                };
+                if chunks.send(chunk).await.is_err() {
+                    // The writer stopped; it says why.
+                    return Ok(());
+                }
+                after = last;
+                if !full {
+                    return Ok(());
+                }
             }
-            if n == 0 {
-                break;
+        };
+        let write = async {
+            loop {
+                let idle = std::time::Instant::now();
+                let Some(chunk) = ready.recv().await else {
+                    break;
+                };
+                tracing::debug!(
+                    waited_ms = idle.elapsed().as_millis() as u64,
+                    "chunk to write"
+                );
+                consistent = chunk.consistent;
+                state.table = Some(t.name.clone());
+                state.last_key = chunk.last;
+                state.rows += chunk.rows;
+                sink.apply_with(&chunk.batch, progress_query(slot, &state, consistent))
+                    .await?;
+                copied += chunk.rows;
+                progress.add(chunk.rows, &t.name, started_rows);
             }
-            let batch = batcher.take(&prepared.mapping);
-            state.table = Some(t.name.clone());
-            state.last_key = last.clone();
-            state.rows += n;
-            sink.apply_with(&batch, progress_query(slot, &state, consistent))
-                .await?;
-            copied += n;
-            progress.add(n, &t.name, started_rows);
-            after = last;
-            if n < opts.chunk_rows as u64 {
-                break;
-            }
-        }
+            Ok::<(), anyhow::Error>(())
+        };
+        tokio::try_join!(read, write)?;
         state.tables_done.push(t.name.clone());
         state.table = None;
         state.last_key = None;
@@ -203,6 +252,14 @@ pub async fn snapshot(cfg: &Config, opts: &SnapshotOptions) -> anyhow::Result<Sn
         consistent_lsn: consistent,
         already_done: false,
     })
+}
+
+/// A chunk read and mapped, waiting to be written.
+struct Chunk {
+    batch: crate::batch::Batch,
+    rows: u64,
+    last: Option<Vec<String>>,
+    consistent: Lsn,
 }
 
 /// `walgraph snapshot`: copies, then says what it did.

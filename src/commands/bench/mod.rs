@@ -95,6 +95,14 @@ pub struct BenchOptions {
     /// (its rows/s, and the stream's latency meanwhile).
     #[arg(long)]
     pub backfill: Option<u64>,
+    /// Also measure `snapshot` of a table of this many rows against the
+    /// same rows written straight to Neo4j as pre-built batches.
+    #[arg(long)]
+    pub snapshot: Option<u64>,
+    /// Rows per chunk of the `--snapshot` measurement (as `snapshot
+    /// --chunk-rows`).
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_chunk_rows: usize,
     /// Also measure logical messages as graph writes: this many
     /// `pg_logical_emit_message` calls (one merge_node each, in transactions
     /// of `--changes-per-txn`), drained with the null sink and into Neo4j.
@@ -466,6 +474,11 @@ impl Bench {
             eprintln!("bench: online backfill of {rows} rows beside {rate} changes/s");
             let m = self.backfill(rows, rate, mix).await?;
             report.measurements.push(m);
+        }
+        if let Some(rows) = opts.snapshot {
+            eprintln!("bench: snapshot of {rows} rows, and the same rows as pre-built batches");
+            let ms = self.snapshot(rows).await?;
+            report.measurements.extend(ms);
         }
         if let Some(rows) = opts.big_txn {
             eprintln!("bench: one transaction of {rows} rows");

@@ -553,6 +553,110 @@ impl Bench {
         })
     }
 
+    /// `walgraph snapshot` of a table of `rows` rows (`id bigint`, `a
+    /// bigint`, `b text`, one label), against the same rows read and
+    /// batched beforehand (chunks of `--snapshot-chunk-rows`, as the
+    /// snapshot reads them) and written straight to Neo4j one after
+    /// another with nothing else running: the sink-path limit of a copy.
+    pub(super) async fn snapshot(&self, rows: u64) -> anyhow::Result<Vec<Measurement>> {
+        let chunk_rows = self.opts.snapshot_chunk_rows.max(1);
+        self.client()
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {SCHEMA}.wide;
+                 CREATE TABLE {SCHEMA}.wide (id bigint PRIMARY KEY, a bigint NOT NULL, b text NOT NULL);
+                 INSERT INTO {SCHEMA}.wide SELECT g, g, 'row ' || g FROM generate_series(1, {rows}) g;
+                 ANALYZE {SCHEMA}.wide;
+                 ALTER PUBLICATION {PUBLICATION} ADD TABLE {SCHEMA}.wide;"
+            ))
+            .await?;
+        self.create_slot("snapshot").await?;
+        let wide_only = |slot: &str, tag: &str| -> anyhow::Result<Phase> {
+            let mut phase = self.phase_config(
+                slot,
+                tag,
+                crate::config::BatchConfig::default().max_changes,
+                crate::config::BatchConfig::default().max_delay,
+            )?;
+            let extra = Config::parse(&format!(
+                "[[node]]\ntable = \"{SCHEMA}.wide\"\nlabel = \"{}{tag}Wide\"\n",
+                super::LABEL_PREFIX
+            ))
+            .map_err(|e| anyhow::anyhow!(e))?;
+            phase.cfg.nodes = extra.nodes;
+            phase.cfg.relationships.clear();
+            Ok(phase)
+        };
+        // The snapshot, as a user runs it (in this process).
+        let phase = wide_only("snapshot", "P")?;
+        self.ensure_constraints(&phase).await?;
+        let started = Instant::now();
+        let report = crate::commands::snapshot::snapshot(
+            &phase.cfg,
+            &crate::commands::snapshot::SnapshotOptions {
+                chunk_rows,
+                restart: true,
+                progress_bar: false,
+            },
+        )
+        .await?;
+        let snapshot_secs = started.elapsed().as_secs_f64();
+        // The same rows, read and batched first, then written.
+        let phase = wide_only("snapshot", "Q")?;
+        self.ensure_constraints(&phase).await?;
+        let mapping = std::sync::Arc::new(compile_mapping(&self.pg, &phase.cfg).await?);
+        let mapper = Mapper::new(std::sync::Arc::clone(&mapping));
+        let c = self.client();
+        let pk = vec!["id".to_string()];
+        let table =
+            crate::pipeline::copy::describe_table(c, &format!("{SCHEMA}.wide"), &pk, &[]).await?;
+        let mut batches = Vec::new();
+        let mut after: Option<Vec<String>> = None;
+        let stamp = self.wal_lsn().await?;
+        loop {
+            let chunk =
+                crate::pipeline::copy::read_chunk(c, &table, after.as_deref(), chunk_rows).await?;
+            let Some(last) = chunk.last().map(|r| r.1.clone()) else {
+                break;
+            };
+            let mut batcher = Batcher::new();
+            let n = chunk.len();
+            for (change, _) in chunk {
+                let mut ops = Vec::new();
+                mapper.map_change(&change, stamp, &mut ops)?;
+                batcher.push_transaction(vec![ops], crate::lsn::Lsn::ZERO);
+            }
+            batches.push(batcher.take(&mapping));
+            after = Some(last);
+            if n < chunk_rows {
+                break;
+            }
+        }
+        let sink = Sink::connect(&phase.cfg.neo4j, &phase.cfg.postgres.slot).await?;
+        let started = Instant::now();
+        for b in &batches {
+            sink.apply_with(b, neo4rs::query("RETURN 1")).await?;
+        }
+        let prebuilt_secs = started.elapsed().as_secs_f64();
+        Ok(vec![
+            Measurement {
+                name: "snapshot".into(),
+                settings: format!("{rows} rows, chunks of {chunk_rows}"),
+                changes: report.rows,
+                seconds: snapshot_secs,
+                changes_per_sec: report.rows as f64 / snapshot_secs,
+                ..Measurement::default()
+            },
+            Measurement {
+                name: "snapshot rows as pre-built batches".into(),
+                settings: format!("{} batches of {chunk_rows}", batches.len()),
+                changes: rows,
+                seconds: prebuilt_secs,
+                changes_per_sec: rows as f64 / prebuilt_secs,
+                ..Measurement::default()
+            },
+        ])
+    }
+
     /// One transaction of `rows` inserts, then walgraph through it.
     pub(super) async fn big_txn(&self, rows: u64) -> anyhow::Result<Measurement> {
         self.create_slot("big").await?;

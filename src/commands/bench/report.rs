@@ -125,6 +125,10 @@ pub(super) fn ratios(ms: &[Measurement]) -> Vec<(String, f64)> {
         e2e / rate("pre-built batches to Neo4j"),
     );
     add(
+        "snapshot / its rows as pre-built batches",
+        rate("snapshot") / rate("snapshot rows as pre-built batches"),
+    );
+    add(
         "messages end to end / row changes end to end (best)",
         rate("messages end to end") / e2e,
     );
