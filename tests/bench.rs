@@ -36,6 +36,10 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
                 "3000",
                 "--backfill",
                 "2000",
+                "--snapshot",
+                "2500",
+                "--snapshot-chunk-rows",
+                "1000",
                 "--json",
                 &json.to_string_lossy(),
             ])
@@ -68,6 +72,8 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
             "pre-built batches to Neo4j",
             "steady rate, commit to graph",
             "online backfill beside a steady rate",
+            "snapshot",
+            "snapshot rows as pre-built batches",
             "one huge transaction",
         ]
     );
@@ -96,9 +102,21 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
         backfill["latency_ms"][2].as_f64().unwrap_or(0.0) > 0.0,
         "the stream's latency during the copy: {backfill}"
     );
-    assert_eq!(ms[8]["changes"].as_u64(), Some(3000));
-    assert!(ms[8]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
-    assert_eq!(report["ratios"].as_array().map(Vec::len), Some(3));
+    // The snapshot copies every row, as do the pre-built batches of them
+    // (three chunks: 1,000, 1,000 and 500 rows).
+    assert_eq!(ms[8]["changes"].as_u64(), Some(2500), "{}", ms[8]);
+    assert_eq!(ms[9]["changes"].as_u64(), Some(2500), "{}", ms[9]);
+    assert_eq!(ms[9]["settings"].as_str(), Some("3 batches of 1000"));
+    assert_eq!(ms[10]["changes"].as_u64(), Some(3000));
+    assert!(ms[10]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
+    let ratios: Vec<&str> = report["ratios"]
+        .as_array()
+        .expect("ratios")
+        .iter()
+        .filter_map(|r| r[0].as_str())
+        .collect();
+    assert_eq!(ratios.len(), 4, "{ratios:?}");
+    assert!(ratios.contains(&"snapshot / its rows as pre-built batches"));
 
     // Nothing left: no slot, schema or publication, no bench label.
     let pg = pg(&env).await;
