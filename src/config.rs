@@ -347,6 +347,29 @@ pub struct BatchConfig {
     /// Write at the latest this long after the first waiting change arrived.
     #[serde(default = "default_max_delay", with = "humantime_serde")]
     pub max_delay: Duration,
+    /// While walgraph is behind, batches may grow up to this many changes
+    /// where larger ones are measured to write faster (default: twice
+    /// `max_changes`); equal to `max_changes`, every batch has that fixed
+    /// size.
+    #[serde(default)]
+    pub max_changes_behind: Option<usize>,
+    /// Batches stop growing, and shrink, when Neo4j takes longer than this
+    /// to commit one.
+    #[serde(default = "default_commit_target", with = "humantime_serde")]
+    pub commit_target: Duration,
+}
+
+impl BatchConfig {
+    /// The most changes a batch may hold while walgraph is behind.
+    pub fn ceiling(&self) -> usize {
+        self.max_changes_behind
+            .unwrap_or_else(|| self.max_changes.saturating_mul(2))
+    }
+
+    /// The adaptive limit these settings start.
+    pub fn size(&self) -> crate::batch::size::BatchSize {
+        crate::batch::size::BatchSize::new(self.max_changes, self.ceiling(), self.commit_target)
+    }
 }
 
 impl Default for BatchConfig {
@@ -354,8 +377,14 @@ impl Default for BatchConfig {
         BatchConfig {
             max_changes: default_max_changes(),
             max_delay: default_max_delay(),
+            max_changes_behind: None,
+            commit_target: default_commit_target(),
         }
     }
+}
+
+fn default_commit_target() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_max_changes() -> usize {
@@ -462,6 +491,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "batch.max_changes must be at least 1".into(),
             ));
+        }
+        if let Some(behind) = self.batch.max_changes_behind {
+            if behind < self.batch.max_changes {
+                return Err(ConfigError::Invalid(format!(
+                    "batch.max_changes_behind ({behind}) must be at least batch.max_changes ({}); set them equal for batches of a fixed size",
+                    self.batch.max_changes
+                )));
+            }
         }
         if let Some(v) = self.postgres.proto_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid(format!(

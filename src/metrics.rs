@@ -47,6 +47,9 @@ pub struct Metrics {
     /// The batch being written has failed for longer than
     /// `neo4j.stuck_after`.
     pub batch_stuck: AtomicBool,
+    /// Changes the batch filling now may take (`batch.max_changes`, more
+    /// while walgraph is behind).
+    pub batch_limit: AtomicU64,
     /// Rows copied by the online backfill of tables added to the mapping.
     pub backfill_rows: AtomicU64,
     /// Tables the online backfill has still to copy.
@@ -493,6 +496,12 @@ impl Metrics {
             "backfill_tables_left",
             "Tables added to the mapping not yet copied.",
             i(get(&self.backfill_tables_left)),
+        );
+        gauge(
+            &mut r,
+            "batch_limit",
+            "Changes the batch filling now may take: batch.max_changes, up to batch.max_changes_behind while walgraph is behind.",
+            i(get(&self.batch_limit)),
         );
         gauge(
             &mut r,

@@ -68,6 +68,7 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
             "walgraph, null sink",
             "walgraph end to end",
             "walgraph end to end",
+            "walgraph end to end",
             "one transaction per change",
             "pre-built batches to Neo4j",
             "steady rate, commit to graph",
@@ -91,12 +92,17 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
     }) {
         assert_eq!(m["changes"].as_u64(), Some(3000), "{m}");
     }
-    let steady = &ms[6];
+    // The sweep's fixed sizes, then the default (adaptive) settings.
+    assert_eq!(
+        ms[4]["settings"].as_str(),
+        Some("defaults: max_changes 5000, up to 10000 behind")
+    );
+    let steady = &ms[7];
     let lat = steady["latency_ms"].as_array().expect("latencies");
     let p50 = lat[0].as_f64().expect("p50");
     let max = lat[3].as_f64().expect("max");
     assert!(p50 > 0.0 && p50 <= max, "{steady}");
-    let backfill = &ms[7];
+    let backfill = &ms[8];
     assert_eq!(backfill["changes"].as_u64(), Some(2000), "{backfill}");
     assert!(
         backfill["latency_ms"][2].as_f64().unwrap_or(0.0) > 0.0,
@@ -104,18 +110,19 @@ async fn bench_measures_everything_and_leaves_nothing_behind() {
     );
     // The snapshot copies every row, as do the pre-built batches of them
     // (three chunks: 1,000, 1,000 and 500 rows).
-    assert_eq!(ms[8]["changes"].as_u64(), Some(2500), "{}", ms[8]);
     assert_eq!(ms[9]["changes"].as_u64(), Some(2500), "{}", ms[9]);
-    assert_eq!(ms[9]["settings"].as_str(), Some("3 batches of 1000"));
-    assert_eq!(ms[10]["changes"].as_u64(), Some(3000));
-    assert!(ms[10]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
+    assert_eq!(ms[10]["changes"].as_u64(), Some(2500), "{}", ms[10]);
+    assert_eq!(ms[10]["settings"].as_str(), Some("3 batches of 1000"));
+    assert_eq!(ms[11]["changes"].as_u64(), Some(3000));
+    assert!(ms[11]["peak_rss_mib"].as_f64().unwrap_or(0.0) > 1.0);
     let ratios: Vec<&str> = report["ratios"]
         .as_array()
         .expect("ratios")
         .iter()
         .filter_map(|r| r[0].as_str())
         .collect();
-    assert_eq!(ratios.len(), 4, "{ratios:?}");
+    assert_eq!(ratios.len(), 5, "{ratios:?}");
+    assert!(ratios.contains(&"end to end at the defaults / pre-built batches"));
     assert!(ratios.contains(&"snapshot / its rows as pre-built batches"));
 
     // Nothing left: no slot, schema or publication, no bench label.

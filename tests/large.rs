@@ -204,3 +204,71 @@ async fn progress_inside_a_split_transaction_survives_a_second_sigkill() {
     let _ = child.wait().await;
     fx.cleanup().await;
 }
+
+/// A backlog written while walgraph was stopped: batches may grow past
+/// `batch.max_changes` up to `batch.max_changes_behind`, never beyond, and
+/// the graph ends exactly as the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_in_batches_within_max_changes_behind_exactly() {
+    let _shared = SERVICES.read().await;
+    let fx = Fixture::new(DDL, MAPPING).await;
+    fx.setup().await;
+    // 20 transactions of 500 inserts, then 10 of 500 updates: 15,000 changes.
+    for t in 0..20 {
+        fx.sql(&format!(
+            "INSERT INTO {{s}}.items SELECT g, g % 10, 0 FROM generate_series({}, {}) g",
+            t * 500 + 1,
+            t * 500 + 500
+        ))
+        .await;
+    }
+    for t in 0..10 {
+        fx.sql(&format!(
+            "UPDATE {{s}}.items SET val = id + {t} WHERE id BETWEEN {} AND {}",
+            t * 1000 + 1,
+            t * 1000 + 500
+        ))
+        .await;
+    }
+    let changes = 15_000.0;
+    let addr = crate::support::free_address();
+    let config = fx.config_file(
+        "backlog.toml",
+        &format!(
+            "[batch]\nmax_changes = 300\nmax_changes_behind = 600\n[http]\nlisten = \"{addr}\"\n"
+        ),
+        MAPPING,
+    );
+    let config = config.to_string_lossy().into_owned();
+    let mut child = fx.spawn(&["--config", &config, "run"]);
+    let metrics = eventually(Duration::from_secs(120), "the backlog applied", || async {
+        let (_, m) = crate::support::http_get(&addr.to_string(), "/metrics").await?;
+        (walgraph::http::metric(&m, "walgraph_changes_applied_total") == Some(changes)).then_some(m)
+    })
+    .await;
+    let metric = |name: &str| walgraph::http::metric(&metrics, name).unwrap_or(f64::NAN);
+    let batches = metric("walgraph_batches_committed_total");
+    assert!(
+        batches >= changes / 600.0,
+        "no batch holds more than max_changes_behind: {batches} batches for {changes} changes"
+    );
+    let limit = metric("walgraph_batch_limit");
+    assert!((300.0..=600.0).contains(&limit), "the limit now: {limit}");
+
+    let graph = fx
+        .cypher("MATCH (i:{p}Item) RETURN count(i) AS n, sum(i.val) AS val")
+        .await;
+    let pg = fx
+        .pg
+        .query_one(
+            &format!("SELECT count(*), sum(val)::bigint FROM {}.items", fx.schema),
+            &[],
+        )
+        .await
+        .expect("sums");
+    let (n, val): (i64, i64) = (pg.get(0), pg.get(1));
+    assert_eq!(graph, vec![json!({"n": n, "val": val})]);
+    child.start_kill().expect("stop");
+    let _ = child.wait().await;
+    fx.cleanup().await;
+}

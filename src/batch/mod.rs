@@ -22,6 +22,7 @@ use plan::Segment;
 pub mod cypher;
 mod plan;
 pub mod render;
+pub mod size;
 
 pub use render::{describe, render_plan};
 

@@ -146,7 +146,7 @@ pub(super) async fn stream_once(
     let mut wal_start = Lsn::ZERO;
     let mut in_flight: Option<Lsn> = None;
     let mut deadline: Option<Instant> = None;
-    // When the batch filling now reached batch.max_changes (it is due then,
+    // When the batch filling now reached its limit (it is due then,
     // though the writer may still be busy).
     let mut full_since: Option<Instant> = None;
     let mut server_wal_end = Lsn::ZERO;
@@ -154,7 +154,16 @@ pub(super) async fn stream_once(
     let mut last_catalog_check = Instant::now();
     let mut status = tokio::time::interval(stream.status_interval());
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let max_changes = cfg.batch.max_changes;
+    // The batch limit: `batch.max_changes`, more while walgraph is behind.
+    let mut size = cfg.batch.size();
+    // When the stream batch in flight went out, and whether it was full.
+    let mut sized: Option<(Instant, bool)> = None;
+    // The next batch, full and rendered while the writer is busy with the
+    // one in flight, so the writer takes it the moment it is free.
+    let mut ready: Option<Batch> = None;
+    metrics
+        .batch_limit
+        .store(size.limit() as u64, Ordering::Relaxed);
     let mut applied_changes: u64 = 0;
     let mut last_report = Instant::now();
     // Heartbeats go where writes go (the primary, from a standby); none in
@@ -170,11 +179,15 @@ pub(super) async fn stream_once(
     };
 
     let result: Result<(), RunError> = 'stream: loop {
+        let max_changes = size.limit();
         let pending = assembler.has_parts();
-        let can_read = !pending && (batcher.changes() < max_changes || in_flight.is_none());
+        let can_read =
+            !pending && ready.is_none() && (batcher.changes() < max_changes || in_flight.is_none());
         let owed = !followups.is_empty() || backfill.as_ref().is_some_and(|b| !b.is_done());
-        let can_take =
-            pending && batcher.changes() < max_changes && !(chunk_next && open.is_none() && owed);
+        let can_take = pending
+            && ready.is_none()
+            && batcher.changes() < max_changes
+            && !(chunk_next && open.is_none() && owed);
         let can_backfill = owed && in_flight.is_none() && batcher.is_empty() && open.is_none();
         let can_dispatch =
             in_flight.is_none() && (!batcher.is_empty() || heartbeat.wants_dispatch());
@@ -189,6 +202,22 @@ pub(super) async fn stream_once(
                     flushed = flushed.max(b.end_lsn);
                     stored = b.checkpoint();
                     in_flight = None;
+                    if let Some(next) = ready.take() {
+                        // First of all: the writer waits for nothing else.
+                        in_flight = Some(next.end_lsn);
+                        if batch_tx.send(next).await.is_err() {
+                            break Err(RunError::NotReady("the Neo4j writer stopped unexpectedly".into()));
+                        }
+                        chunk_next = true;
+                    }
+                    let sent_next = in_flight.is_some();
+                    if let Some((since, full)) = sized.take() {
+                        size.committed(b.changes, full, since.elapsed());
+                        metrics.batch_limit.store(size.limit() as u64, Ordering::Relaxed);
+                    }
+                    if sent_next {
+                        sized = Some((Instant::now(), true));
+                    }
                     applied_changes += b.changes as u64;
                     metrics.changes.fetch_add(b.changes as u64, Ordering::Relaxed);
                     metrics.transactions.fetch_add(b.transactions as u64, Ordering::Relaxed);
@@ -259,6 +288,7 @@ pub(super) async fn stream_once(
             // 4. The batch is due: hand it to the sink.
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if can_dispatch && deadline.is_some() => {
                 let due = deadline.unwrap_or_else(Instant::now);
+                sized = Some((Instant::now(), batcher.changes() >= max_changes));
                 in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx, due).await?);
                 full_since = None;
                 heartbeat.dispatched();
@@ -398,11 +428,20 @@ pub(super) async fn stream_once(
         if batcher.changes() >= max_changes && full_since.is_none() {
             full_since = Some(Instant::now());
         }
-        if in_flight.is_none() && batcher.changes() >= max_changes {
+        // (Full at the limit it filled under: a limit that grew with the
+        // commit just reported does not keep the writer idle meanwhile.)
+        // While the writer is busy, it is rendered now and waits as `ready`.
+        if full_since.is_some() && ready.is_none() {
             let due = full_since.take().unwrap_or_else(Instant::now);
-            in_flight = Some(dispatch(&mut batcher, &p.mapping, &batch_tx, due).await?);
+            let batch = take_batch(&mut batcher, &p.mapping, due);
             deadline = None;
-            chunk_next = true;
+            if in_flight.is_none() {
+                sized = Some((Instant::now(), true));
+                in_flight = Some(send(&batch_tx, batch).await?);
+                chunk_next = true;
+            } else {
+                ready = Some(batch);
+            }
         }
     };
 
@@ -411,6 +450,10 @@ pub(super) async fn stream_once(
         if in_flight.is_some() {
             await_commit(&mut event_rx, metrics).await?;
             in_flight = None;
+        }
+        if let Some(b) = ready.take() {
+            send(&batch_tx, b).await?;
+            await_commit(&mut event_rx, metrics).await?;
         }
         if !batcher.is_empty() {
             dispatch(&mut batcher, &p.mapping, &batch_tx, Instant::now()).await?;
@@ -645,10 +688,21 @@ async fn dispatch(
     tx: &mpsc::Sender<Batch>,
     due: Instant,
 ) -> Result<Lsn, RunError> {
+    send(tx, take_batch(batcher, mapping, due)).await
+}
+
+/// Takes the batch out of the batcher, rendered, stamped with when it
+/// became due.
+fn take_batch(batcher: &mut Batcher, mapping: &Mapping, due: Instant) -> Batch {
     let mut batch = batcher.take(mapping);
     let due = due.min(Instant::now());
     let waited = i64::try_from(due.elapsed().as_micros()).unwrap_or(0);
     batch.ready = Some((due.into_std(), crate::lsn::pg_now() - waited));
+    batch
+}
+
+/// Hands a taken batch to the writer; its end LSN.
+async fn send(tx: &mpsc::Sender<Batch>, batch: Batch) -> Result<Lsn, RunError> {
     let end = batch.end_lsn;
     tx.send(batch)
         .await

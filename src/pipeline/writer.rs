@@ -87,12 +87,18 @@ pub(super) async fn sink_task(
                     metrics
                         .dead_letters
                         .fetch_add(dead.len() as u64, Ordering::Relaxed);
+                    // Reported first, and the written statements freed
+                    // aside (a large batch takes a while to): the next
+                    // batch waits for neither.
                     let mut done = batch;
-                    done.statements.clear();
-                    done.plan.clear();
+                    let written = (
+                        std::mem::take(&mut done.statements),
+                        std::mem::take(&mut done.plan),
+                    );
                     if events.send(SinkEvent::Committed(done)).await.is_err() {
                         return;
                     }
+                    tokio::task::spawn_blocking(move || drop(written));
                     break;
                 }
                 Err(e) if e.is_transient() => {

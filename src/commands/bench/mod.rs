@@ -6,7 +6,9 @@
 //! measurement decodes the same WAL. Then:
 //! - `pg_recvlogical` drains its slot to `/dev/null` (the decode-path limit);
 //! - `walgraph run --null-sink` drains its slot (decode, map, batch, no Neo4j);
-//! - `walgraph run` drains into Neo4j, once per swept `batch.max_changes`;
+//! - `walgraph run` drains into Neo4j, once per swept `batch.max_changes`
+//!   (batches of that fixed size), and once at the default `[batch]`
+//!   settings (batches that grow while walgraph is behind);
 //! - `walgraph run` with `max_changes = 1` (one Neo4j transaction per change,
 //!   what naive sync services do) runs for a fixed time;
 //! - the same batches, built in advance, are written straight to Neo4j one
@@ -43,6 +45,8 @@ const SCHEMA: &str = "walgraph_bench";
 const PUBLICATION: &str = "walgraph_bench";
 const SLOT_PREFIX: &str = "walgraph_bench_";
 const LABEL_PREFIX: &str = "WgBench";
+/// How a measurement at the default `[batch]` settings says so.
+const DEFAULTS: &str = "defaults";
 
 /// What to measure, and on what workload.
 #[derive(Debug, Clone, clap::Args)]
@@ -362,6 +366,7 @@ impl Bench {
         let mut slots: Vec<String> =
             vec!["recv".into(), "null".into(), "pre".into(), "naive".into()];
         slots.extend(drains.iter().map(|n| format!("drain_{n}")));
+        slots.push("drain_defaults".into());
         for s in &slots {
             self.create_slot(s).await?;
         }
@@ -391,19 +396,21 @@ impl Bench {
             let cfg = self.phase_config("null", "Null", 5000, Duration::from_millis(100))?;
             let mut m = self.drain_child(&cfg, true, total, None).await?;
             m.name = "walgraph, null sink".into();
-            m.settings = "max_changes 5000".into();
+            m.settings = DEFAULTS.into();
             m.wal_mib_per_sec = Some(wal_mib / m.seconds);
             report.measurements.push(m);
         }
         if !skipped(opts, "drain") {
             for &n in &drains {
                 eprintln!("bench: walgraph into Neo4j, max_changes {n}");
-                let cfg = self.phase_config(
+                let mut cfg = self.phase_config(
                     &format!("drain_{n}"),
                     &format!("D{n}"),
                     n,
                     Duration::from_millis(100),
                 )?;
+                // A measurement of one batch size: the batches keep it.
+                cfg.cfg.batch.max_changes_behind = Some(n);
                 self.ensure_constraints(&cfg).await?;
                 let mut m = self.drain_child(&cfg, false, total, None).await?;
                 m.name = "walgraph end to end".into();
@@ -411,13 +418,33 @@ impl Bench {
                 m.wal_mib_per_sec = Some(wal_mib / m.seconds);
                 report.measurements.push(m);
             }
+            let d = crate::config::BatchConfig::default();
+            eprintln!(
+                "bench: walgraph into Neo4j, the default batch settings (max_changes {}, up to {} behind)",
+                d.max_changes,
+                d.ceiling()
+            );
+            let mut cfg =
+                self.phase_config("drain_defaults", "DDef", d.max_changes, d.max_delay)?;
+            cfg.cfg.batch = d.clone();
+            self.ensure_constraints(&cfg).await?;
+            let mut m = self.drain_child(&cfg, false, total, None).await?;
+            m.name = "walgraph end to end".into();
+            m.settings = format!(
+                "{DEFAULTS}: max_changes {}, up to {} behind",
+                d.max_changes,
+                d.ceiling()
+            );
+            m.wal_mib_per_sec = Some(wal_mib / m.seconds);
+            report.measurements.push(m);
         }
         if !skipped(opts, "per-change") {
             eprintln!(
                 "bench: one Neo4j transaction per change, {} s",
                 opts.per_change_secs
             );
-            let cfg = self.phase_config("naive", "Naive", 1, Duration::ZERO)?;
+            let mut cfg = self.phase_config("naive", "Naive", 1, Duration::ZERO)?;
+            cfg.cfg.batch.max_changes_behind = Some(1);
             self.ensure_constraints(&cfg).await?;
             let mut m = self
                 .drain_child(
@@ -536,10 +563,12 @@ impl Bench {
 /// environment).
 fn child_toml(cfg: &Config, tag: &str, addr: &str, extra_mapping: &str) -> String {
     format!(
-        "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[batch]\nmax_changes = {}\nmax_delay = \"{}\"\n[http]\nlisten = \"{addr}\"\n{}\n{extra_mapping}",
+        "[postgres]\nslot = \"{}\"\npublication = \"{}\"\n[batch]\nmax_changes = {}\nmax_changes_behind = {}\ncommit_target = \"{}\"\nmax_delay = \"{}\"\n[http]\nlisten = \"{addr}\"\n{}\n{extra_mapping}",
         cfg.postgres.slot,
         cfg.postgres.publication,
         cfg.batch.max_changes,
+        cfg.batch.ceiling(),
+        humantime::format_duration(cfg.batch.commit_target),
         humantime::format_duration(cfg.batch.max_delay),
         mapping_toml(tag)
     )

@@ -124,6 +124,15 @@ pub(super) fn ratios(ms: &[Measurement]) -> Vec<(String, f64)> {
         "end to end (best) / pre-built batches",
         e2e / rate("pre-built batches to Neo4j"),
     );
+    let at_defaults = ms
+        .iter()
+        .filter(|m| m.name == "walgraph end to end" && m.settings.starts_with(super::DEFAULTS))
+        .map(|m| m.changes_per_sec)
+        .fold(f64::NAN, f64::max);
+    add(
+        "end to end at the defaults / pre-built batches",
+        at_defaults / rate("pre-built batches to Neo4j"),
+    );
     add(
         "snapshot / its rows as pre-built batches",
         rate("snapshot") / rate("snapshot rows as pre-built batches"),
