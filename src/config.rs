@@ -365,11 +365,6 @@ impl BatchConfig {
         self.max_changes_behind
             .unwrap_or_else(|| self.max_changes.saturating_mul(2))
     }
-
-    /// The adaptive limit these settings start.
-    pub fn size(&self) -> crate::batch::size::BatchSize {
-        crate::batch::size::BatchSize::new(self.max_changes, self.ceiling(), self.commit_target)
-    }
 }
 
 impl Default for BatchConfig {

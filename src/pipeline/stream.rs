@@ -155,7 +155,11 @@ pub(super) async fn stream_once(
     let mut status = tokio::time::interval(stream.status_interval());
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The batch limit: `batch.max_changes`, more while walgraph is behind.
-    let mut size = cfg.batch.size();
+    let mut size = crate::batch::size::BatchSize::new(
+        cfg.batch.max_changes,
+        cfg.batch.ceiling(),
+        cfg.batch.commit_target,
+    );
     // When the stream batch in flight went out, and whether it was full.
     let mut sized: Option<(Instant, bool)> = None;
     // The next batch, full and rendered while the writer is busy with the
